@@ -1,0 +1,303 @@
+"""A Channel binds one sans-I/O Session to Twisted: a clock, a channel transport
+and the local sockets of its streams.
+
+The Channel outlives channel connections: a :class:`~virtproxy.protocol.VPChannelProtocol`
+attaches when its transport connects and detaches when it goes, while
+listeners, pending opens and counters stay.  Several Channels can live in one
+process; nothing here is global.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectingCancelledError, TimeoutError
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from virtproxy import events as ev
+from virtproxy.frames import Reason, reason_name
+from virtproxy.session import Session, SessionConfig
+
+if TYPE_CHECKING:
+    from virtproxy.factories import ProxyProtocol
+    from virtproxy.protocol import VPChannelProtocol
+
+#: Bytes taken from the session per channel write; the transport's own buffer
+#: (and its producer pause) bounds how many such writes are outstanding.
+WRITE_CHUNK = 256 * 1024
+
+
+class Channel:
+    """One channel to one peer, with its session and streams."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        config: SessionConfig | None = None,
+        iforwards: Mapping[str, IStreamClientEndpoint] | None = None,
+        label: str = "channel",
+        drop_on_silence: bool = True,
+    ) -> None:
+        self.reactor = reactor
+        self.session = Session(config)
+        self.iforwards = dict(iforwards or {})
+        self.label = label
+        #: Abort a socket channel whose peer fell silent, so that a connect
+        #: channel reconnects and a listen channel frees its one slot.
+        self.drop_on_silence = drop_on_silence
+        self.protocol: VPChannelProtocol | None = None
+        self._locals: dict[int, ProxyProtocol] = {}
+        self._connecting: dict[int, Deferred[Any]] = {}
+        self._timer: IDelayedCall | None = None
+        self._pumping = False
+        self._again = False
+        self._closing = False
+
+    # -------------------------------------------------------------- channel side
+
+    def attach(self, protocol: VPChannelProtocol) -> bool:
+        """A channel transport connected.  False if another one is already attached."""
+        if self.protocol is not None or self._closing:
+            return False
+        self.protocol = protocol
+        self.log.info(
+            "{label}: channel connected ({peer})",
+            label=self.label,
+            peer=protocol.describe_peer(),
+        )
+        self.session.connection_made(self.reactor.seconds())
+        self.pump()
+        return True
+
+    def detach(self, protocol: VPChannelProtocol, reason: str) -> None:
+        if self.protocol is not protocol:
+            return
+        self.protocol = None
+        self.log.info(
+            "{label}: channel lost: {reason}", label=self.label, reason=reason
+        )
+        self.session.connection_lost(self.reactor.seconds(), "channel lost: " + reason)
+        self.pump()
+
+    def receive(self, data: bytes) -> None:
+        self.session.receive_data(data, self.reactor.seconds())
+        self.pump()
+
+    def shutdown(self) -> None:
+        """Tell the peer we leave (GOAWAY), reset every stream, then close the channel."""
+        self._closing = True
+        for deferred in list(self._connecting.values()):
+            deferred.cancel()
+        self.session.go_away(self.reactor.seconds())
+        self.pump()
+        if self.protocol is not None and self.protocol.transport is not None:
+            self.protocol.transport.loseConnection()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    # -------------------------------------------------------------- stream side
+
+    def open_stream(self, service: str, local: ProxyProtocol) -> int:
+        stream_id = self.session.open_stream(service, self.reactor.seconds())
+        self._locals[stream_id] = local
+        self.pump()
+        return stream_id
+
+    def send(self, stream_id: int, data: bytes) -> bool:
+        more = self.session.send(stream_id, data)
+        self.pump()
+        return more
+
+    def send_eof(self, stream_id: int) -> None:
+        self.session.send_eof(stream_id)
+        self.pump()
+
+    def consumed(self, stream_id: int, count: int) -> None:
+        self.session.consumed(stream_id, count)
+        self.pump()
+
+    def local_lost(self, stream_id: int, why: str) -> None:
+        """A local socket is gone; a stream still live on it is reset."""
+        self._locals.pop(stream_id, None)
+        if self.session.stream_info(stream_id) is not None:
+            self.session.reset(stream_id, Reason.ABORTED, why)
+            self.pump()
+
+    def local_done(self, stream_id: int) -> None:
+        """A local socket closed after EOF both ways; the session ends the stream itself."""
+        self._locals.pop(stream_id, None)
+
+    def connected(self, stream_id: int, local: ProxyProtocol) -> bool:
+        """An iforward connect for the peer's stream completed."""
+        self._connecting.pop(stream_id, None)
+        if self.session.stream_info(stream_id) is None:
+            return False
+        self._locals[stream_id] = local
+        self.session.accept(stream_id)
+        self.pump()
+        return True
+
+    # -------------------------------------------------------------- the pump
+
+    def pump(self) -> None:
+        """Handle the session's events and move its output to the channel.
+
+        Re-entrant calls (a local transport calling back while we handle an
+        event) just ask the running pump to go round again.
+        """
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                for event in self.session.take_events():
+                    self._dispatch(event)
+                self._flush()
+            self._schedule_timer()
+        finally:
+            self._pumping = False
+
+    def _flush(self) -> None:
+        protocol = self.protocol
+        session = self.session
+        if protocol is None or protocol.transport is None:
+            return
+        while not protocol.paused and session.has_data_to_send():
+            protocol.transport.write(session.data_to_send(WRITE_CHUNK))
+            if session._events:
+                self._again = True
+        protocol.set_reading(not session.input_paused)
+
+    def _schedule_timer(self) -> None:
+        deadline = self.session.next_deadline()
+        if deadline is None or self._closing:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            return
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= deadline:
+                return
+            self._timer.cancel()
+        delay = max(0.0, deadline - self.reactor.seconds())
+        self._timer = self.reactor.callLater(delay + 0.001, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.session.tick(self.reactor.seconds())
+        self.pump()
+
+    def _dispatch(self, event: ev.Event) -> None:
+        if isinstance(event, ev.DataReceived):
+            local = self._locals.get(event.stream_id)
+            if local is not None:
+                local.deliver(event.data)
+        elif isinstance(event, ev.StreamWritable):
+            local = self._locals.get(event.stream_id)
+            if local is not None:
+                local.resume_reading()
+        elif isinstance(event, ev.EndOfData):
+            local = self._locals.get(event.stream_id)
+            if local is not None:
+                local.end_of_data()
+        elif isinstance(event, ev.StreamClosed):
+            local = self._locals.get(event.stream_id)
+            if local is not None:
+                local.stream_closed()
+        elif isinstance(event, ev.StreamReset):
+            self._abort_stream(
+                event.stream_id, event.reason, event.message, event.by_peer
+            )
+        elif isinstance(event, ev.StreamRejected):
+            local = self._locals.pop(event.stream_id, None)
+            if local is not None:
+                local.stream_rejected(event.reason, event.message)
+        elif isinstance(event, ev.StreamAccepted):
+            local = self._locals.get(event.stream_id)
+            if local is not None:
+                local.stream_opened()
+        elif isinstance(event, ev.StreamRequested):
+            self._on_stream_requested(event.stream_id, event.service)
+        elif isinstance(event, ev.SessionUp):
+            self.log.info(
+                "{label}: session up with peer {peer:016x} (max frame {frame}, window {window})",
+                label=self.label,
+                peer=event.peer_session,
+                frame=event.peer_max_frame,
+                window=event.peer_window,
+            )
+        elif isinstance(event, ev.SessionEnded):
+            self.log.info(
+                "{label}: session ended with peer {peer:016x}: {reason}",
+                label=self.label,
+                peer=event.peer_session,
+                reason=event.reason,
+            )
+            if event.silent and self.drop_on_silence and self.protocol is not None:
+                transport = self.protocol.transport
+                if transport is not None:
+                    transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _abort_stream(
+        self, stream_id: int, reason: int, message: str, by_peer: bool
+    ) -> None:
+        connecting = self._connecting.pop(stream_id, None)
+        if connecting is not None:
+            connecting.cancel()
+        local = self._locals.pop(stream_id, None)
+        if local is not None:
+            who = "peer" if by_peer else "local"
+            detail = f"{reason_name(reason)}{': ' + message if message else ''}"
+            local.stream_reset(f"reset ({who}): {detail}")
+
+    def _on_stream_requested(self, stream_id: int, service: str) -> None:
+        endpoint = self.iforwards.get(service)
+        if endpoint is None or self._closing:
+            self.log.warn(
+                "{label}: stream {id:#x}: peer asked for unknown service {service!r}; refused",
+                label=self.label,
+                id=stream_id,
+                service=service,
+            )
+            self.session.reject(stream_id, Reason.NO_SERVICE, f"no service {service!r}")
+            return
+        from virtproxy.factories import ProxyClientFactory
+
+        deferred: Deferred[Any] = endpoint.connect(
+            ProxyClientFactory(self, stream_id, service)
+        )
+        self._connecting[stream_id] = deferred
+        deferred.addErrback(self._connect_failed, stream_id, service)
+
+    def _connect_failed(self, failure: Failure, stream_id: int, service: str) -> None:
+        self._connecting.pop(stream_id, None)
+        if (
+            failure.check(ConnectingCancelledError)
+            or self.session.stream_info(stream_id) is None
+        ):
+            return
+        code = Reason.TIMEOUT if failure.check(TimeoutError) else Reason.REFUSED
+        why = failure.getErrorMessage()
+        self.log.warn(
+            "{label}: stream {id:#x}: iforward {service!r} failed: {why}",
+            label=self.label,
+            id=stream_id,
+            service=service,
+            why=why,
+        )
+        self.session.reject(stream_id, code, why)
+        self.pump()

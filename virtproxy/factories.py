@@ -1,0 +1,266 @@
+"""The local side of streams, and the factories that make channel protocols.
+
+* :class:`ProxyServerFactory` listens for an oforward: each accepted
+  connection (a :class:`ProxyServerProtocol`) becomes a stream to the peer's
+  iforward of the same name.
+* :class:`ProxyClientFactory` connects for an iforward: the peer opened a
+  stream and a :class:`ProxyClientProtocol` carries it to the local target.
+* :class:`ChannelServerFactory` / :class:`ChannelClientFactory` build
+  :class:`~virtproxy.protocol.VPChannelProtocol` for listen and connect channels.
+
+Both proxy protocols pair producers the way Twisted's portforward does, but
+across the channel: a local socket's reads pause while its stream's queue is
+full, and its stream's credit is withheld while the socket's write buffer is
+full (see ``deliver``).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from virtproxy.channel import Channel
+from virtproxy.frames import reason_name
+from virtproxy.protocol import VPChannelProtocol
+
+
+def _describe(address: object) -> str:
+    host = getattr(address, "host", None)
+    if host is not None:
+        return f"{host}:{getattr(address, 'port', '')}"
+    name = getattr(address, "name", None)
+    return str(name) if name else "unix"
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class ProxyProtocol(Protocol):
+    """One local socket carried by one stream."""
+
+    log = Logger()
+    role = "stream"
+
+    def __init__(self, channel: Channel, service: str) -> None:
+        self.channel = channel
+        self.service = service
+        self.stream_id = 0
+        self.bytes_in = 0  # from the local socket into the channel
+        self.bytes_out = 0  # from the channel to the local socket
+        self.end_reason = ""
+        self.failed = False
+        self._write_paused = False
+        self._withheld = 0
+        self._live = False
+        self._read_done = False  # the local socket sent EOF
+        self._write_done = False  # we shut down its write side (peer EOF)
+
+    # -------------------------------------------------------------- local socket
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        handle = getattr(transport, "socket", None)
+        if isinstance(handle, socket.socket) and handle.family in (
+            socket.AF_INET,
+            socket.AF_INET6,
+        ):
+            handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.registerProducer(self, True)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._live:
+            return
+        self.bytes_in += len(data)
+        if not self.channel.send(self.stream_id, data) and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def readConnectionLost(self) -> None:
+        self._read_done = True
+        if self._live:
+            self.channel.send_eof(self.stream_id)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        was_live = self._live
+        self._live = False
+        if was_live and self._read_done and self._write_done:
+            # Both halves ended (EOF each way); our EOF frame may still be queued.
+            self.end_reason = "closed cleanly"
+            self.channel.local_done(self.stream_id)
+        elif was_live:
+            self.end_reason = (
+                self.end_reason or f"local connection lost: {reason.getErrorMessage()}"
+            )
+            self.failed = True
+            self.channel.local_lost(self.stream_id, reason.getErrorMessage())
+        if self.stream_id and self.end_reason:
+            log = self.log.warn if self.failed else self.log.info
+            log(
+                "{label}: stream {id:#x} closed: service={service} peer={peer} "
+                "in={bytes_in} out={bytes_out}: {why}",
+                label=self.channel.label,
+                id=self.stream_id,
+                service=self.service,
+                peer=self.describe_peer(),
+                bytes_in=self.bytes_in,
+                bytes_out=self.bytes_out,
+                why=self.end_reason,
+            )
+
+    def describe_peer(self) -> str:
+        if self.transport is None:
+            return "?"
+        address: IAddress = self.transport.getPeer()
+        return _describe(address)
+
+    # IPushProducer: our local transport's write buffer is full (or drained).
+    def pauseProducing(self) -> None:
+        self._write_paused = True
+
+    def resumeProducing(self) -> None:
+        self._write_paused = False
+        if self._withheld and self._live:
+            count, self._withheld = self._withheld, 0
+            self.channel.consumed(self.stream_id, count)
+
+    def stopProducing(self) -> None:
+        self._write_paused = True
+
+    # -------------------------------------------------------------- from the channel
+
+    def deliver(self, data: bytes) -> None:
+        """Peer data: write it, and grant credit only once the socket took it."""
+        if self.transport is None:
+            return
+        self.bytes_out += len(data)
+        self.transport.write(data)
+        if self._write_paused:
+            self._withheld += len(data)
+        else:
+            self.channel.consumed(self.stream_id, len(data))
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self._live:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def end_of_data(self) -> None:
+        """The peer half-closed: shut down our write side once the buffer is out."""
+        self._write_done = True
+        if self.transport is not None:
+            self.transport.loseWriteConnection()  # type: ignore[attr-defined]
+
+    def stream_opened(self) -> None:
+        self.log.info(
+            "{label}: stream {id:#x} opened: service={service} peer={peer} ({role})",
+            label=self.channel.label,
+            id=self.stream_id,
+            service=self.service,
+            peer=self.describe_peer(),
+            role=self.role,
+        )
+
+    def stream_closed(self) -> None:
+        """EOF both ways: a clean end; the transport closes once its buffer is out."""
+        self._live = False
+        self.end_reason = "closed cleanly"
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def stream_reset(self, why: str) -> None:
+        """The stream died of a failure: abort, so the client sees a reset, not an EOF."""
+        self._live = False
+        self.failed = True
+        self.end_reason = why
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def stream_rejected(self, reason: int, message: str) -> None:
+        self._live = False
+        self.failed = True
+        self.end_reason = (
+            f"open failed: {reason_name(reason)}{': ' + message if message else ''}"
+        )
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class ProxyServerProtocol(ProxyProtocol):
+    """A connection accepted on an oforward listener."""
+
+    role = "oforward"
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._live = True
+        self.stream_id = self.channel.open_stream(self.service, self)
+
+
+class ProxyServerFactory(Factory):
+    """Listens for one oforward; every connection opens a stream to the peer."""
+
+    protocol = ProxyServerProtocol
+    noisy = False
+
+    def __init__(self, channel: Channel, service: str) -> None:
+        self.channel = channel
+        self.service = service
+
+    def buildProtocol(self, addr: IAddress | None) -> ProxyServerProtocol:
+        return ProxyServerProtocol(self.channel, self.service)
+
+
+class ProxyClientProtocol(ProxyProtocol):
+    """Our connection to an iforward target, for a stream the peer opened."""
+
+    role = "iforward"
+
+    def __init__(self, channel: Channel, service: str, stream_id: int) -> None:
+        super().__init__(channel, service)
+        self.stream_id = stream_id
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._live = True
+        if not self.channel.connected(self.stream_id, self):
+            self._live = False
+            self.end_reason = "the stream ended while connecting"
+            assert self.transport is not None
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        self.stream_opened()
+
+
+class ProxyClientFactory(Factory):
+    """Connects one iforward target for one stream."""
+
+    noisy = False
+
+    def __init__(self, channel: Channel, stream_id: int, service: str) -> None:
+        self.channel = channel
+        self.stream_id = stream_id
+        self.service = service
+
+    def buildProtocol(self, addr: IAddress | None) -> ProxyClientProtocol:
+        return ProxyClientProtocol(self.channel, self.service, self.stream_id)
+
+
+class ChannelServerFactory(Factory):
+    """For listen channels: one peer at a time (the Channel refuses a second)."""
+
+    noisy = False
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def buildProtocol(self, addr: IAddress | None) -> VPChannelProtocol:
+        return VPChannelProtocol(self.channel)
+
+
+class ChannelClientFactory(ChannelServerFactory):
+    """For connect channels, driven by a ClientService that reconnects."""

@@ -1,0 +1,222 @@
+"""The frame codec: bytes in, frames out, and back.  No I/O, no clock.
+
+docs/protocol.rst is the specification; this module is its executable form.
+The decoder never raises on input: garbage, half frames and damaged frames are
+skipped by searching for the next sync marker, and reported as :class:`Damage`
+so the session can reset whatever a damaged frame belonged to.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from binascii import crc_hqx
+from dataclasses import dataclass
+from enum import IntEnum
+
+SYNC = b"\xa5\x5c"
+VERSION = 1
+
+_HEADER = struct.Struct(">2sBBBBIH")
+_HCHECK = struct.Struct(">H")
+_CRC = struct.Struct(">I")
+
+HEADER_SIZE = _HEADER.size + _HCHECK.size  # 14
+TRAILER_SIZE = _CRC.size  # 4
+FRAME_OVERHEAD = HEADER_SIZE + TRAILER_SIZE  # 18
+
+#: The wire format's hard ceiling on a payload (the length field is 16 bits).
+MAX_PAYLOAD = 0xFFFF
+#: Smallest max_frame a peer may advertise.
+MIN_MAX_FRAME = 256
+
+#: Bit 31 of a stream id on the wire: set when the frame's sender opened the stream.
+OPENER_BIT = 0x80000000
+MAX_STREAM_NUMBER = OPENER_BIT - 1
+
+
+class FrameType(IntEnum):
+    HELLO = 0x01
+    PING = 0x02
+    PONG = 0x03
+    GOAWAY = 0x04
+    OPEN = 0x10
+    OPEN_OK = 0x11
+    OPEN_FAIL = 0x12
+    DATA = 0x13
+    WINDOW = 0x14
+    EOF = 0x15
+    RESET = 0x16
+
+
+SESSION_FRAME_TYPES = frozenset(
+    {FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.GOAWAY}
+)
+
+
+class Reason(IntEnum):
+    """Why a stream or session ended (OPEN_FAIL, RESET, GOAWAY)."""
+
+    NO_SERVICE = 1
+    REFUSED = 2
+    TIMEOUT = 3
+    LIMIT = 4
+    PROTOCOL = 5
+    SESSION_LOST = 6
+    CORRUPT = 7
+    ABORTED = 8
+    SHUTDOWN = 9
+
+
+def reason_name(code: int) -> str:
+    """A readable name for a reason code, including codes from newer peers."""
+    try:
+        return Reason(code).name.lower().replace("_", " ")
+    except ValueError:
+        return f"reason {code}"
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame with intact checksums."""
+
+    type: int
+    stream: int
+    payload: bytes
+    seq: int = 0
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """A frame whose header was intact but whose CRC was not.
+
+    ``stream`` and ``seq`` come from the intact header; the payload is gone.
+    """
+
+    stream: int
+    seq: int
+    type: int
+
+
+def encode_header(
+    ftype: int, stream: int, length: int, seq: int, flags: int = 0
+) -> bytes:
+    header = _HEADER.pack(SYNC, VERSION, ftype, flags, seq, stream, length)
+    return header + _HCHECK.pack(crc_hqx(header, 0xFFFF))
+
+
+def encode_into(
+    out: list[bytes], ftype: int, stream: int, payload: bytes, seq: int, flags: int = 0
+) -> int:
+    """Append one frame's pieces to ``out`` (joined once by the caller); return its size.
+
+    Keeping pieces separate avoids copying a DATA payload twice.
+    """
+    header = encode_header(ftype, stream, len(payload), seq, flags)
+    crc = zlib.crc32(payload, zlib.crc32(header))
+    out.append(header)
+    if payload:
+        out.append(payload)
+    out.append(_CRC.pack(crc))
+    return FRAME_OVERHEAD + len(payload)
+
+
+def encode_frame(
+    ftype: int, stream: int, payload: bytes = b"", seq: int = 0, flags: int = 0
+) -> bytes:
+    """Encode one frame as bytes."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    out: list[bytes] = []
+    encode_into(out, ftype, stream, payload, seq, flags)
+    return b"".join(out)
+
+
+class FrameDecoder:
+    """Incremental, resynchronising frame decoder.
+
+    ``feed`` returns the frames (and damage reports) completed by the new bytes.
+    Memory is bounded: at most one frame of ``max_payload`` plus one read's worth
+    is ever held.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buffer = bytearray()
+        self.max_payload = max_payload
+        #: Frames accepted.
+        self.frames = 0
+        #: Frames with a valid header but a bad CRC.
+        self.damaged = 0
+        #: Times the decoder lost its alignment and searched for a sync marker.
+        self.resyncs = 0
+        #: Bytes skipped while searching (garbage, bad headers, damaged frames).
+        self.discarded = 0
+        self._in_sync = True
+
+    def reset(self) -> None:
+        """Forget buffered bytes (a new connection starts with a clean slate)."""
+        self._buffer.clear()
+        self._in_sync = True
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Frame | Damage]:
+        buf = self._buffer
+        buf += data
+        results: list[Frame | Damage] = []
+        size = len(buf)
+        pos = 0
+        crc32 = zlib.crc32
+        max_payload = self.max_payload
+        unpack_header = _HEADER.unpack_from
+        with memoryview(buf) as view:
+            while size - pos >= HEADER_SIZE:
+                if buf[pos] != 0xA5 or buf[pos + 1] != 0x5C:
+                    pos = self._skip(buf, pos, pos, size)
+                    continue
+                _sync, version, ftype, flags, seq, stream, length = unpack_header(
+                    buf, pos
+                )
+                (hcheck,) = _HCHECK.unpack_from(buf, pos + 12)
+                if (
+                    crc_hqx(view[pos : pos + 12], 0xFFFF) != hcheck
+                    or version != VERSION
+                    or length > max_payload
+                ):
+                    pos = self._skip(buf, pos, pos + 1, size)
+                    continue
+                end = pos + HEADER_SIZE + length
+                if size < end + TRAILER_SIZE:
+                    break
+                (crc,) = _CRC.unpack_from(buf, end)
+                if crc32(view[pos:end]) != crc:
+                    self.damaged += 1
+                    results.append(Damage(stream, seq, ftype))
+                    pos = self._skip(buf, pos, pos + 1, size)
+                    continue
+                self._in_sync = True
+                self.frames += 1
+                results.append(
+                    Frame(
+                        ftype, stream, bytes(view[pos + HEADER_SIZE : end]), seq, flags
+                    )
+                )
+                pos = end + TRAILER_SIZE
+        if pos:
+            del buf[:pos]
+        return results
+
+    def _skip(self, buf: bytearray, pos: int, search_from: int, size: int) -> int:
+        """Drop bytes from ``pos`` up to the next possible sync marker."""
+        if self._in_sync:
+            self._in_sync = False
+            self.resyncs += 1
+        found = buf.find(SYNC, search_from)
+        if found < 0:
+            # Keep a trailing first sync byte: the marker may be split across reads.
+            found = size - 1 if size > search_from and buf[size - 1] == 0xA5 else size
+        self.discarded += found - pos
+        return found

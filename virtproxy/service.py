@@ -1,0 +1,150 @@
+"""Turn a :class:`~virtproxy.config.DaemonConfig` into running Twisted services.
+
+All three entry points (console script, ``python -m virtproxy``, twistd plugin)
+call :func:`make_service`.  Listening happens synchronously in ``startService``,
+so an address already in use surfaces as a :class:`StartupError` at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from virtproxy.channel import Channel
+from virtproxy.config import DaemonConfig
+from virtproxy.errors import StartupError
+from virtproxy.factories import (
+    ChannelClientFactory,
+    ChannelServerFactory,
+    ProxyServerFactory,
+)
+from virtproxy.session import SessionConfig
+
+#: Kinds whose transport cannot tell us the peer is gone: liveness is in-band only.
+IN_BAND_KINDS = frozenset({"serial", "virtserial"})
+
+
+def default_max_frame(kind: str) -> int:
+    """Frames sized to the channel: small on a serial line, so a keystroke
+    never waits long behind a bulk frame."""
+    return 512 if kind == "serial" else 16384
+
+
+class ListenService(Service):
+    """Listen on an endpoint; failing to listen is a StartupError, raised at once."""
+
+    log = Logger()
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: Factory, description: str
+    ) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.description = description
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        outcome: list[Any] = []
+        self.endpoint.listen(self.factory).addBoth(outcome.append)
+        if not outcome:
+            raise StartupError(
+                f"cannot listen for {self.description}: no answer from the endpoint"
+            )
+        result = outcome[0]
+        if isinstance(result, Failure):
+            self.running = False
+            raise StartupError(
+                f"cannot listen for {self.description}: {result.getErrorMessage()}"
+            )
+        self.port = result
+        self.log.info(
+            "listening for {what} on {where}",
+            what=self.description,
+            where=_where(result),
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        return port.stopListening()  # type: ignore[return-value]
+
+
+class ChannelService(MultiService):
+    """Owns the Channel; on stop it says GOAWAY and ends every stream first."""
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__()
+        self.channel = channel
+
+    def stopService(self) -> Deferred[None]:
+        self.channel.shutdown()
+        return super().stopService()
+
+
+def _where(port: Any) -> str:
+    address = port.getHost()
+    host = getattr(address, "host", None)
+    if host is not None:
+        return f"{host}:{address.port}"
+    return str(getattr(address, "name", address))
+
+
+def session_config(config: DaemonConfig) -> SessionConfig:
+    max_frame = config.max_frame or default_max_frame(config.channel.kind)
+    return SessionConfig(
+        max_frame=max_frame,
+        window=max(config.window, max_frame),
+        max_streams=config.max_streams,
+        keepalive_interval=config.keepalive_interval,
+        keepalive_timeout=config.keepalive_timeout,
+        open_timeout=config.connect_timeout,
+    )
+
+
+def make_service(config: DaemonConfig, reactor: Any = None) -> MultiService:
+    """Build (but do not start) the services of one daemon."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    iforwards = {
+        spec.name: clientFromString(reactor, spec.endpoint) for spec in config.iforwards
+    }
+    channel = Channel(
+        reactor,
+        session_config(config),
+        iforwards,
+        label=config.channel.original,
+        drop_on_silence=config.channel.kind not in IN_BAND_KINDS,
+    )
+    top = ChannelService(channel)
+    for spec in config.oforwards:
+        ListenService(
+            serverFromString(reactor, spec.endpoint),
+            ProxyServerFactory(channel, spec.name),
+            f"oforward {spec.name!r} ({spec.original})",
+        ).setServiceParent(top)
+    if config.channel.listens:
+        ListenService(
+            serverFromString(reactor, config.channel.endpoint),
+            ChannelServerFactory(channel),
+            f"channel {config.channel.original}",
+        ).setServiceParent(top)
+    else:
+        ClientService(
+            clientFromString(reactor, config.channel.endpoint),
+            ChannelClientFactory(channel),
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0, factor=2.0),
+        ).setServiceParent(top)
+    return top

@@ -1,0 +1,889 @@
+"""The session and stream state machine: plain Python, no reactor, no clock.
+
+Bytes from the channel go in through :meth:`Session.receive_data`, commands from
+local sockets through methods such as :meth:`Session.open_stream` and
+:meth:`Session.send`; bytes for the channel come out of
+:meth:`Session.data_to_send` and events out of :meth:`Session.take_events`.
+Time is an argument (``now``, in seconds), never read from a clock, so tests
+and fuzzers drive it.  docs/protocol.rst specifies the behaviour.
+
+A :class:`Session` object outlives channel connections: a client that connects
+while the channel is down gets a *pending* stream that is opened as soon as a
+session comes up (or fails when its open timeout passes).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from heapq import heappop, heappush
+
+from virtproxy import events as ev
+from virtproxy.frames import (
+    MAX_PAYLOAD,
+    MAX_STREAM_NUMBER,
+    MIN_MAX_FRAME,
+    OPENER_BIT,
+    Damage,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    Reason,
+    encode_into,
+    reason_name,
+)
+
+_HELLO = struct.Struct(">QQIIII")
+_WINDOW = struct.Struct(">I")
+MAX_WINDOW = 0x7FFFFFFF
+MAX_SERVICE_NAME = 64
+MAX_MESSAGE = 200
+_SERVICE_CHARS = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
+)
+
+#: Frames the session holds for retransmission-free replay of recent resets.
+_RECENT_RESETS = 4096
+#: Above this many queued control frames the owner should stop reading the
+#: channel: a peer that sends without reading must not grow our memory.
+CONTROL_HIGH_WATER = 4096
+
+
+def valid_service_name(name: bytes) -> bool:
+    return 0 < len(name) <= MAX_SERVICE_NAME and _SERVICE_CHARS.issuperset(name)
+
+
+@dataclass
+class SessionConfig:
+    """Limits and timers of one side.  See docs/protocol.rst for their meaning."""
+
+    max_frame: int = 16384
+    window: int = 256 * 1024
+    max_streams: int = 1024
+    keepalive_interval: float = 5.0
+    keepalive_timeout: float = 20.0
+    hello_interval: float = 1.0
+    open_timeout: float = 10.0
+    #: Bytes queued on one stream (unsent) above which ``send`` asks the caller
+    #: to stop reading its local socket.
+    send_high_water: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        if not MIN_MAX_FRAME <= self.max_frame <= MAX_PAYLOAD:
+            raise ValueError(f"max_frame must be {MIN_MAX_FRAME}..{MAX_PAYLOAD}")
+        if not self.max_frame <= self.window <= MAX_WINDOW:
+            raise ValueError(f"window must be max_frame..{MAX_WINDOW}")
+        if self.max_streams < 1:
+            raise ValueError("max_streams must be positive")
+        if not 0 < self.keepalive_interval < self.keepalive_timeout:
+            raise ValueError("need 0 < keepalive_interval < keepalive_timeout")
+
+
+class State(Enum):
+    DISCONNECTED = auto()
+    HANDSHAKING = auto()
+    UP = auto()
+
+
+class StreamState(Enum):
+    PENDING = auto()  # ours, waiting for a session (or a free slot at the peer)
+    OPENING = auto()  # ours, OPEN sent
+    ACCEPTING = auto()  # theirs, waiting for our owner to accept or reject
+    OPEN = auto()
+
+
+@dataclass(eq=False)
+class Stream:
+    key: int
+    service: str
+    ours: bool
+    state: StreamState
+    deadline: float = 0.0
+    send_credit: int = 0
+    recv_credit: int = 0
+    unacked: int = 0
+    queue: deque[bytes] = field(default_factory=deque)
+    head_offset: int = 0
+    queued: int = 0
+    eof_pending: bool = False
+    eof_sent: bool = False
+    eof_received: bool = False
+    ready: bool = False
+    blocked: bool = False
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class Stats:
+    """Counters kept for the life of the Session object (all connections)."""
+
+    sessions: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    damaged_frames: int = 0
+    resyncs: int = 0
+    discarded_bytes: int = 0
+    lost_frames: int = 0
+    stale_frames: int = 0
+    protocol_errors: int = 0
+    keepalive_timeouts: int = 0
+    limit_hits: int = 0
+
+
+def _new_session_id() -> int:
+    while True:
+        value = int.from_bytes(os.urandom(8), "big")
+        if value:
+            return value
+
+
+class Session:
+    """One side of a virtproxy session over one channel."""
+
+    def __init__(self, config: SessionConfig | None = None) -> None:
+        self.config = config or SessionConfig()
+        self.stats = Stats()
+        self.state = State.DISCONNECTED
+        self.session_id = 0
+        self.peer_session = 0
+        self.peer_max_frame = MIN_MAX_FRAME
+        self.peer_window = 0
+        self.peer_max_streams = 0
+        self.streams: dict[int, Stream] = {}
+        self._events: list[ev.Event] = []
+        self._decoder = FrameDecoder(self.config.max_frame)
+        self._control: deque[tuple[int, int, bytes]] = deque()
+        self._hello_queued = False
+        self._ready: deque[Stream] = deque()
+        self._pending: deque[int] = deque()
+        self._tx_seq = 0
+        self._rx_seq = 0
+        self._next_number = 1
+        self._highest_peer_number = 0
+        self._peer_opened = 0  # live streams the peer opened
+        self._we_opened = 0  # live streams we opened that the peer counts
+        self._recent_resets: OrderedDict[int, None] = OrderedDict()
+        self._deadlines: list[tuple[float, int]] = []
+        self._last_received = 0.0
+        self._last_ping = 0.0
+        self._next_hello = 0.0
+        self._ping_counter = 0
+
+    # ------------------------------------------------------------------ owner API
+
+    def take_events(self) -> list[ev.Event]:
+        events, self._events = self._events, []
+        return events
+
+    @property
+    def is_up(self) -> bool:
+        return self.state is State.UP
+
+    @property
+    def input_paused(self) -> bool:
+        """True while the owner should stop reading the channel (see CONTROL_HIGH_WATER)."""
+        return len(self._control) > CONTROL_HIGH_WATER
+
+    def connection_made(self, now: float) -> None:
+        """A channel connected: start a new session with a fresh id."""
+        if self.state is not State.DISCONNECTED:
+            self.connection_lost(now, "replaced by a new channel connection")
+        self._decoder.reset()
+        self._start_handshake(now)
+
+    def connection_lost(self, now: float, reason: str = "channel lost") -> None:
+        """The channel went away: end the session; pending opens wait for the next."""
+        self._end_session(reason, Reason.SESSION_LOST)
+        self.state = State.DISCONNECTED
+        self._control.clear()
+        self._hello_queued = False
+
+    def go_away(
+        self, now: float, reason: int = Reason.SHUTDOWN, message: str = ""
+    ) -> None:
+        """Tell the peer we are leaving, and end every stream (shutdown)."""
+        if self.state is not State.DISCONNECTED:
+            self._control.append(
+                (FrameType.GOAWAY, 0, _reason_payload(reason, message))
+            )
+        self._end_session(message or reason_name(reason), reason)
+        for stream in list(self.streams.values()):
+            self._drop(stream)
+            self._events.append(ev.StreamRejected(stream.key, reason, "shutting down"))
+        self.state = State.DISCONNECTED
+
+    def open_stream(self, service: str, now: float) -> int:
+        """Open a stream to the peer's iforward ``service``; returns the stream id.
+
+        The stream waits (PENDING) until a session is up and the peer has a free
+        slot; it fails with TIMEOUT after ``config.open_timeout``.
+        """
+        name = service.encode("ascii")
+        if not valid_service_name(name):
+            raise ValueError(f"invalid service name {service!r}")
+        if self._next_number > MAX_STREAM_NUMBER:
+            raise RuntimeError("stream numbers exhausted")
+        key = self._next_number
+        self._next_number += 1
+        stream = Stream(key, service, ours=True, state=StreamState.PENDING)
+        stream.deadline = now + self.config.open_timeout
+        heappush(self._deadlines, (stream.deadline, key))
+        self.streams[key] = stream
+        self._pending.append(key)
+        self._send_pending_opens()
+        return key
+
+    def accept(self, stream_id: int) -> None:
+        """Our local connect for the peer's OPEN succeeded."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.state is not StreamState.ACCEPTING:
+            return
+        stream.state = StreamState.OPEN
+        stream.send_credit = self.peer_window
+        stream.recv_credit = self.config.window
+        self._control.append((FrameType.OPEN_OK, stream_id ^ OPENER_BIT, b""))
+        self._mark_ready(stream)
+
+    def reject(self, stream_id: int, reason: int, message: str = "") -> None:
+        """Our local connect for the peer's OPEN failed (or no such service)."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.state is not StreamState.ACCEPTING:
+            return
+        self._control.append(
+            (
+                FrameType.OPEN_FAIL,
+                stream_id ^ OPENER_BIT,
+                _reason_payload(reason, message),
+            )
+        )
+        self._drop(stream)
+
+    def send(self, stream_id: int, data: bytes) -> bool:
+        """Queue ``data`` for the stream.  False means: stop reading, you'll get StreamWritable."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.eof_pending or not data:
+            return stream is not None and not stream.blocked
+        stream.queue.append(data)
+        stream.queued += len(data)
+        if stream.state is StreamState.OPEN and stream.send_credit > 0:
+            self._mark_ready(stream)
+        if stream.queued >= self.config.send_high_water:
+            stream.blocked = True
+            return False
+        return True
+
+    def send_eof(self, stream_id: int) -> None:
+        """The local socket stopped sending: EOF follows the queued data."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.eof_pending:
+            return
+        stream.eof_pending = True
+        if stream.state is StreamState.OPEN:
+            self._mark_ready(stream)
+
+    def reset(
+        self, stream_id: int, reason: int = Reason.ABORTED, message: str = ""
+    ) -> None:
+        """Abort a stream from this side (its local socket failed or closed early)."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        if stream.state is not StreamState.PENDING:
+            self._control.append(
+                (
+                    FrameType.RESET,
+                    stream_id ^ OPENER_BIT,
+                    _reason_payload(reason, message),
+                )
+            )
+        self._drop(stream)
+
+    def consumed(self, stream_id: int, count: int) -> None:
+        """The local socket really took ``count`` bytes of this stream: grant credit."""
+        stream = self.streams.get(stream_id)
+        if (
+            stream is None
+            or stream.state is not StreamState.OPEN
+            or stream.eof_received
+        ):
+            return
+        stream.unacked += count
+        if stream.unacked >= self.config.window // 4:
+            self._grant(stream)
+
+    def stream_info(self, stream_id: int) -> Stream | None:
+        return self.streams.get(stream_id)
+
+    # ------------------------------------------------------------------ time
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which :meth:`tick` has something to do."""
+        times: list[float] = []
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        if self.state is State.HANDSHAKING:
+            times.append(self._next_hello)
+        elif self.state is State.UP:
+            times.append(
+                max(self._last_received, self._last_ping)
+                + self.config.keepalive_interval
+            )
+            times.append(self._last_received + self.config.keepalive_timeout)
+        return min(times) if times else None
+
+    def tick(self, now: float) -> None:
+        """Run timers due at ``now``: open timeouts, HELLO resends, keepalive."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, key = heappop(self._deadlines)
+            stream = self.streams.get(key)
+            if stream is None or stream.state not in (
+                StreamState.PENDING,
+                StreamState.OPENING,
+            ):
+                continue
+            if stream.deadline > now:
+                continue
+            if stream.state is StreamState.OPENING:
+                self._control.append(
+                    (
+                        FrameType.RESET,
+                        key ^ OPENER_BIT,
+                        _reason_payload(Reason.TIMEOUT, ""),
+                    )
+                )
+                message = "the peer did not answer the open in time"
+            elif self.state is State.UP:
+                message = "the peer had no free stream slot in time"
+            else:
+                message = "no session with the peer in time"
+            self._drop(stream)
+            self._events.append(ev.StreamRejected(key, Reason.TIMEOUT, message))
+        if self.state is State.HANDSHAKING and now >= self._next_hello:
+            self._queue_hello()
+            self._next_hello = now + self.config.hello_interval
+        elif self.state is State.UP:
+            if now - self._last_received >= self.config.keepalive_timeout:
+                self.stats.keepalive_timeouts += 1
+                self._restart(
+                    now,
+                    "keepalive timeout: the peer fell silent",
+                    Reason.SESSION_LOST,
+                    silent=True,
+                )
+            elif (
+                now - max(self._last_received, self._last_ping)
+                >= self.config.keepalive_interval
+            ):
+                self._last_ping = now
+                self._ping_counter += 1
+                self._control.append(
+                    (FrameType.PING, 0, self._ping_counter.to_bytes(8, "big"))
+                )
+
+    # ------------------------------------------------------------------ input
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Bytes from the channel."""
+        self.stats.bytes_in += len(data)
+        decoder = self._decoder
+        items = decoder.feed(data)
+        stats = self.stats
+        stats.damaged_frames = decoder.damaged
+        stats.resyncs = decoder.resyncs
+        stats.discarded_bytes = decoder.discarded
+        for item in items:
+            if isinstance(item, Damage):
+                self._on_damage(item, now)
+            else:
+                stats.frames_in += 1
+                self._on_frame(item, now)
+
+    def _on_damage(self, damage: Damage, now: float) -> None:
+        if self.state is not State.UP or damage.seq != self._rx_seq:
+            return  # a lost frame shows up as a sequence gap on the next good one
+        self._rx_seq = (self._rx_seq + 1) & 0xFF
+        if damage.type in (
+            FrameType.HELLO,
+            FrameType.PING,
+            FrameType.PONG,
+            FrameType.GOAWAY,
+        ):
+            return
+        if damage.type == FrameType.DATA or damage.type == FrameType.EOF:
+            key = damage.stream
+            stream = self.streams.get(key)
+            if stream is not None:
+                self.reset(key, Reason.CORRUPT, "a frame of this stream was damaged")
+                self._events.append(
+                    ev.StreamReset(
+                        key, Reason.CORRUPT, "damaged frame on the channel", False
+                    )
+                )
+                return
+        # Losing a control frame (OPEN, WINDOW, RESET...) can wedge any stream.
+        self._restart(now, "a damaged control frame", Reason.CORRUPT)
+
+    def _on_frame(self, frame: Frame, now: float) -> None:
+        ftype = frame.type
+        if ftype == FrameType.HELLO:
+            self._rx_seq = 0
+            self._on_hello(frame, now)
+            return
+        if self.state is not State.UP:
+            self.stats.stale_frames += 1
+            return
+        if frame.seq != self._rx_seq:
+            self.stats.lost_frames += (frame.seq - self._rx_seq) & 0xFF
+            self._restart(now, "frames were lost on the channel", Reason.CORRUPT)
+            return
+        self._rx_seq = (self._rx_seq + 1) & 0xFF
+        self._last_received = now
+        if frame.flags:
+            self._protocol_error(frame, "unknown flags")
+            return
+        handler = _HANDLERS.get(ftype)
+        if handler is None:
+            self.stats.protocol_errors += 1
+            return
+        if ftype in (FrameType.PING, FrameType.PONG, FrameType.GOAWAY):
+            if frame.stream:
+                self.stats.protocol_errors += 1
+                return
+            handler(self, frame, now)
+            return
+        key = frame.stream
+        if ftype == FrameType.OPEN:
+            self._on_open(frame, key)
+            return
+        stream = self.streams.get(key)
+        if stream is None:
+            self._on_unknown_stream(frame, key)
+            return
+        handler(self, frame, stream)
+
+    def _on_hello(self, frame: Frame, now: float) -> None:
+        if frame.stream or len(frame.payload) < _HELLO.size:
+            self.stats.protocol_errors += 1
+            return
+        their, seen, max_frame, window, max_streams, _caps = _HELLO.unpack_from(
+            frame.payload
+        )
+        if (
+            not their
+            or not MIN_MAX_FRAME <= max_frame <= MAX_PAYLOAD
+            or not max_frame <= window <= MAX_WINDOW
+            or not max_streams
+        ):
+            self.stats.protocol_errors += 1
+            return
+        if self.state is State.DISCONNECTED:
+            return
+        known = their == self.peer_session
+        if not known:
+            if self.state is State.UP:
+                self._end_session(
+                    "the peer restarted (new session id)", Reason.SESSION_LOST
+                )
+                self.state = State.HANDSHAKING
+            self.peer_session = their
+            self.peer_max_frame = max_frame
+            self.peer_window = window
+            self.peer_max_streams = max_streams
+        if seen == self.session_id and self.state is not State.UP:
+            self.state = State.UP
+            self._last_received = now
+            self._last_ping = now
+            self.stats.sessions += 1
+            self._events.append(ev.SessionUp(their, max_frame, window))
+        if not (known and seen == self.session_id):
+            self._queue_hello()
+        if self.state is State.UP:
+            self._send_pending_opens()
+
+    def _on_ping(self, frame: Frame, now: float) -> None:
+        # Only the newest unanswered PING is kept: a peer cannot grow our queue.
+        for index, (ftype, _, _) in enumerate(self._control):
+            if ftype == FrameType.PONG:
+                del self._control[index]
+                break
+        self._control.appendleft((FrameType.PONG, 0, frame.payload[:8]))
+
+    def _on_pong(self, frame: Frame, now: float) -> None:
+        pass  # any frame already proved liveness
+
+    def _on_goaway(self, frame: Frame, now: float) -> None:
+        reason, message = _parse_reason(frame.payload)
+        text = f"the peer went away ({reason_name(reason)}{': ' + message if message else ''})"
+        self._restart(now, text, Reason.SESSION_LOST)
+
+    def _on_open(self, frame: Frame, key: int) -> None:
+        number = key & MAX_STREAM_NUMBER
+        if (
+            not key & OPENER_BIT
+            or key in self.streams
+            or number <= self._highest_peer_number
+        ):
+            self._protocol_error(frame, "OPEN with a used or invalid stream id")
+            return
+        self._highest_peer_number = number
+        name = frame.payload
+        if not valid_service_name(name):
+            self.stats.protocol_errors += 1
+            self._control.append(
+                (
+                    FrameType.OPEN_FAIL,
+                    frame.stream ^ OPENER_BIT,
+                    _reason_payload(Reason.PROTOCOL, "bad service name"),
+                )
+            )
+            return
+        if self._peer_opened >= self.config.max_streams:
+            self.stats.limit_hits += 1
+            self._control.append(
+                (
+                    FrameType.OPEN_FAIL,
+                    frame.stream ^ OPENER_BIT,
+                    _reason_payload(Reason.LIMIT, "too many streams"),
+                )
+            )
+            return
+        self._peer_opened += 1
+        stream = Stream(
+            key, name.decode("ascii"), ours=False, state=StreamState.ACCEPTING
+        )
+        self.streams[key] = stream
+        self._events.append(ev.StreamRequested(key, stream.service))
+
+    def _on_unknown_stream(self, frame: Frame, key: int) -> None:
+        if key in self._recent_resets:
+            return  # was in flight when we reset it
+        number = key & MAX_STREAM_NUMBER
+        known_range = (
+            self._highest_peer_number if key & OPENER_BIT else self._next_number - 1
+        )
+        if number and number <= known_range:
+            return  # an old stream, ended on our side already
+        self._protocol_error(frame, "frame for a stream that never existed")
+
+    def _on_open_ok(self, frame: Frame, stream: Stream) -> None:
+        if stream.state is not StreamState.OPENING:
+            self._stream_protocol_error(stream, "unexpected OPEN_OK")
+            return
+        stream.state = StreamState.OPEN
+        stream.send_credit = self.peer_window
+        stream.recv_credit = self.config.window
+        self._events.append(ev.StreamAccepted(stream.key))
+        self._mark_ready(stream)
+
+    def _on_open_fail(self, frame: Frame, stream: Stream) -> None:
+        if stream.state is not StreamState.OPENING:
+            self._stream_protocol_error(stream, "unexpected OPEN_FAIL")
+            return
+        reason, message = _parse_reason(frame.payload)
+        self._drop(stream)
+        self._events.append(ev.StreamRejected(stream.key, reason, message))
+
+    def _on_data(self, frame: Frame, stream: Stream) -> None:
+        size = len(frame.payload)
+        if stream.state is not StreamState.OPEN or stream.eof_received or not size:
+            self._stream_protocol_error(stream, "DATA in the wrong state")
+            return
+        if size > stream.recv_credit:
+            self._stream_protocol_error(stream, "DATA beyond the granted window")
+            return
+        stream.recv_credit -= size
+        stream.bytes_received += size
+        self._events.append(ev.DataReceived(stream.key, frame.payload))
+
+    def _on_window(self, frame: Frame, stream: Stream) -> None:
+        if len(frame.payload) != _WINDOW.size or stream.state is not StreamState.OPEN:
+            self._stream_protocol_error(stream, "bad WINDOW")
+            return
+        (increment,) = _WINDOW.unpack(frame.payload)
+        if not increment or stream.send_credit + increment > MAX_WINDOW:
+            self._stream_protocol_error(stream, "WINDOW overflow")
+            return
+        stream.send_credit += increment
+        self._mark_ready(stream)
+
+    def _on_eof(self, frame: Frame, stream: Stream) -> None:
+        if stream.state is not StreamState.OPEN or stream.eof_received:
+            self._stream_protocol_error(stream, "EOF in the wrong state")
+            return
+        stream.eof_received = True
+        self._events.append(ev.EndOfData(stream.key))
+        self._maybe_finished(stream)
+
+    def _on_reset(self, frame: Frame, stream: Stream) -> None:
+        reason, message = _parse_reason(frame.payload)
+        self._drop(stream)
+        if stream.ours and stream.state is StreamState.OPENING:
+            self._events.append(ev.StreamRejected(stream.key, reason, message))
+        else:
+            self._events.append(ev.StreamReset(stream.key, reason, message, True))
+
+    # ------------------------------------------------------------------ output
+
+    def has_data_to_send(self) -> bool:
+        return bool(
+            self._hello_queued
+            or self._control
+            or (self.state is State.UP and self._ready)
+        )
+
+    def data_to_send(self, limit: int = 256 * 1024) -> bytes:
+        """Frames for the channel, control first, then DATA round-robin; about ``limit`` bytes."""
+        out: list[bytes] = []
+        size = 0
+        control = self._control
+        seq = self._tx_seq
+        frames = 0
+        while control and control[0][0] == FrameType.GOAWAY:
+            ftype, stream_id, payload = control.popleft()
+            size += encode_into(out, ftype, stream_id, payload, seq)
+            seq = (seq + 1) & 0xFF
+            frames += 1
+        if self._hello_queued:
+            self._hello_queued = False
+            payload = _HELLO.pack(
+                self.session_id,
+                self.peer_session,
+                self.config.max_frame,
+                self.config.window,
+                self.config.max_streams,
+                0,
+            )
+            size += encode_into(out, FrameType.HELLO, 0, payload, 0)
+            frames += 1
+            seq = 0
+        while control and size < limit:
+            ftype, stream_id, payload = control.popleft()
+            size += encode_into(out, ftype, stream_id, payload, seq)
+            seq = (seq + 1) & 0xFF
+            frames += 1
+        if self.state is State.UP:
+            ready = self._ready
+            max_frame = self.peer_max_frame
+            while ready and size < limit:
+                stream = ready.popleft()
+                stream.ready = False
+                if (
+                    self.streams.get(stream.key) is not stream
+                    or stream.state is not StreamState.OPEN
+                ):
+                    continue
+                wire_id = stream.key ^ OPENER_BIT
+                if stream.queued and stream.send_credit > 0:
+                    chunk = self._take(stream, min(stream.send_credit, max_frame))
+                    size += encode_into(out, FrameType.DATA, wire_id, chunk, seq)
+                    seq = (seq + 1) & 0xFF
+                    frames += 1
+                if not stream.queued and stream.eof_pending and not stream.eof_sent:
+                    stream.eof_sent = True
+                    size += encode_into(out, FrameType.EOF, wire_id, b"", seq)
+                    seq = (seq + 1) & 0xFF
+                    frames += 1
+                    self._maybe_finished(stream)
+                    continue
+                if stream.queued and stream.send_credit > 0:
+                    stream.ready = True
+                    ready.append(stream)
+        self._tx_seq = seq
+        self.stats.frames_out += frames
+        self.stats.bytes_out += size
+        return b"".join(out)
+
+    def _take(self, stream: Stream, limit: int) -> bytes:
+        """Remove up to ``limit`` queued bytes, coalescing small writes into one frame."""
+        queue = stream.queue
+        head = queue[0]
+        offset = stream.head_offset
+        available = len(head) - offset
+        if available >= limit or len(queue) == 1:
+            count = min(available, limit)
+            chunk = (
+                head[offset : offset + count] if offset or count < len(head) else head
+            )
+            if count == available:
+                queue.popleft()
+                stream.head_offset = 0
+            else:
+                stream.head_offset = offset + count
+        else:
+            pieces = [head[offset:] if offset else head]
+            queue.popleft()
+            count = available
+            stream.head_offset = 0
+            while queue and count < limit:
+                piece = queue[0]
+                want = limit - count
+                if len(piece) <= want:
+                    pieces.append(queue.popleft())
+                    count += len(piece)
+                else:
+                    pieces.append(piece[:want])
+                    stream.head_offset = want
+                    count = limit
+            chunk = b"".join(pieces)
+        stream.queued -= count
+        stream.send_credit -= count
+        stream.bytes_sent += count
+        if stream.blocked and stream.queued < self.config.send_high_water // 2:
+            stream.blocked = False
+            self._events.append(ev.StreamWritable(stream.key))
+        return chunk
+
+    # ------------------------------------------------------------------ internals
+
+    def _start_handshake(self, now: float) -> None:
+        self.session_id = _new_session_id()
+        self.peer_session = 0
+        self.state = State.HANDSHAKING
+        self._rx_seq = 0
+        self._highest_peer_number = 0
+        self._peer_opened = 0
+        self._we_opened = 0
+        self._recent_resets.clear()
+        self._queue_hello()
+        self._next_hello = now + self.config.hello_interval
+
+    def _queue_hello(self) -> None:
+        self._hello_queued = True
+
+    def _restart(
+        self, now: float, reason: str, code: int, silent: bool = False
+    ) -> None:
+        """End the session on a live channel and handshake a new one.
+
+        The new session id in our HELLO is what ends the session at the peer.
+        """
+        self._end_session(reason, code, silent)
+        self._start_handshake(now)
+
+    def _end_session(self, reason: str, code: int, silent: bool = False) -> None:
+        was_up = self.state is State.UP
+        for stream in list(self.streams.values()):
+            if stream.state is StreamState.PENDING:
+                continue
+            self._drop(stream)
+            if stream.ours and stream.state is StreamState.OPENING:
+                self._events.append(ev.StreamRejected(stream.key, code, reason))
+            else:
+                self._events.append(ev.StreamReset(stream.key, code, reason, False))
+        self._ready.clear()
+        # Drop queued frames that belong to the old session; keep a GOAWAY.
+        self._control = deque(
+            item for item in self._control if item[0] == FrameType.GOAWAY
+        )
+        if was_up:
+            self._events.append(ev.SessionEnded(self.peer_session, reason, silent))
+        if self.state is State.UP:
+            self.state = State.HANDSHAKING
+        self.peer_session = 0
+
+    def _send_pending_opens(self) -> None:
+        if self.state is not State.UP:
+            return
+        pending = self._pending
+        while pending and self._we_opened < self.peer_max_streams:
+            stream = self.streams.get(pending.popleft())
+            if stream is None or stream.state is not StreamState.PENDING:
+                continue
+            self._we_opened += 1
+            stream.state = StreamState.OPENING
+            self._control.append(
+                (
+                    FrameType.OPEN,
+                    stream.key ^ OPENER_BIT,
+                    stream.service.encode("ascii"),
+                )
+            )
+
+    def _mark_ready(self, stream: Stream) -> None:
+        if not stream.ready and (
+            (stream.queued and stream.send_credit > 0)
+            or (stream.eof_pending and not stream.eof_sent)
+        ):
+            stream.ready = True
+            self._ready.append(stream)
+
+    def _grant(self, stream: Stream) -> None:
+        increment = stream.unacked
+        stream.unacked = 0
+        if increment and stream.recv_credit + increment <= MAX_WINDOW:
+            stream.recv_credit += increment
+            self._control.append(
+                (FrameType.WINDOW, stream.key ^ OPENER_BIT, _WINDOW.pack(increment))
+            )
+
+    def _maybe_finished(self, stream: Stream) -> None:
+        if stream.eof_sent and stream.eof_received:
+            self._drop(stream)
+            self._events.append(ev.StreamClosed(stream.key))
+
+    def _drop(self, stream: Stream) -> None:
+        """Forget a stream (no event)."""
+        if self.streams.pop(stream.key, None) is None:
+            return
+        if stream.ours:
+            if stream.state is not StreamState.PENDING:
+                self._we_opened = max(0, self._we_opened - 1)
+        else:
+            self._peer_opened = max(0, self._peer_opened - 1)
+        if stream.state is not StreamState.PENDING:
+            self._recent_resets[stream.key] = None
+            if len(self._recent_resets) > _RECENT_RESETS:
+                self._recent_resets.popitem(last=False)
+        stream.queue.clear()
+        stream.queued = 0
+        if stream.ours and stream.state is not StreamState.PENDING:
+            self._send_pending_opens()
+
+    def _protocol_error(self, frame: Frame, why: str) -> None:
+        self.stats.protocol_errors += 1
+        if frame.type != FrameType.RESET and frame.stream:
+            self._control.append(
+                (
+                    FrameType.RESET,
+                    frame.stream ^ OPENER_BIT,
+                    _reason_payload(Reason.PROTOCOL, why),
+                )
+            )
+
+    def _stream_protocol_error(self, stream: Stream, why: str) -> None:
+        self.stats.protocol_errors += 1
+        self.reset(stream.key, Reason.PROTOCOL, why)
+        self._events.append(
+            ev.StreamReset(stream.key, Reason.PROTOCOL, f"peer error: {why}", False)
+        )
+
+
+def _reason_payload(reason: int, message: str) -> bytes:
+    return bytes([reason & 0xFF]) + message.encode("utf-8")[:MAX_MESSAGE]
+
+
+def _parse_reason(payload: bytes) -> tuple[int, str]:
+    if not payload:
+        return 0, ""
+    return payload[0], payload[1 : 1 + MAX_MESSAGE].decode("utf-8", "replace")
+
+
+_HANDLERS: dict[int, Callable[..., None]] = {
+    FrameType.PING: Session._on_ping,
+    FrameType.PONG: Session._on_pong,
+    FrameType.GOAWAY: Session._on_goaway,
+    FrameType.OPEN: Session._on_open,
+    FrameType.OPEN_OK: Session._on_open_ok,
+    FrameType.OPEN_FAIL: Session._on_open_fail,
+    FrameType.DATA: Session._on_data,
+    FrameType.WINDOW: Session._on_window,
+    FrameType.EOF: Session._on_eof,
+    FrameType.RESET: Session._on_reset,
+}
