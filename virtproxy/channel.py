@@ -83,9 +83,7 @@ class Channel:
         if self.protocol is not protocol:
             return
         self.protocol = None
-        self.log.info(
-            "{label}: channel lost: {reason}", label=self.label, reason=reason
-        )
+        self.log.info("{label}: channel lost: {reason}", label=self.label, reason=reason)
         self.session.connection_lost(self.reactor.seconds(), "channel lost: " + reason)
         self.pump()
 
@@ -101,6 +99,8 @@ class Channel:
         self.session.go_away(self.reactor.seconds())
         self.pump()
         if self.protocol is not None and self.protocol.transport is not None:
+            # A transport does not close while a producer is registered on it.
+            self.protocol.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.protocol.transport.loseConnection()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -215,13 +215,11 @@ class Channel:
             if local is not None:
                 local.end_of_data()
         elif isinstance(event, ev.StreamClosed):
-            local = self._locals.get(event.stream_id)
+            local = self._locals.pop(event.stream_id, None)
             if local is not None:
                 local.stream_closed()
         elif isinstance(event, ev.StreamReset):
-            self._abort_stream(
-                event.stream_id, event.reason, event.message, event.by_peer
-            )
+            self._abort_stream(event.stream_id, event.reason, event.message, event.by_peer)
         elif isinstance(event, ev.StreamRejected):
             local = self._locals.pop(event.stream_id, None)
             if local is not None:
@@ -252,9 +250,7 @@ class Channel:
                 if transport is not None:
                     transport.abortConnection()  # type: ignore[attr-defined]
 
-    def _abort_stream(
-        self, stream_id: int, reason: int, message: str, by_peer: bool
-    ) -> None:
+    def _abort_stream(self, stream_id: int, reason: int, message: str, by_peer: bool) -> None:
         connecting = self._connecting.pop(stream_id, None)
         if connecting is not None:
             connecting.cancel()
@@ -277,18 +273,14 @@ class Channel:
             return
         from virtproxy.factories import ProxyClientFactory
 
-        deferred: Deferred[Any] = endpoint.connect(
-            ProxyClientFactory(self, stream_id, service)
-        )
-        self._connecting[stream_id] = deferred
+        deferred: Deferred[Any] = endpoint.connect(ProxyClientFactory(self, stream_id, service))
+        if not deferred.called:  # an endpoint may connect (or fail) synchronously
+            self._connecting[stream_id] = deferred
         deferred.addErrback(self._connect_failed, stream_id, service)
 
     def _connect_failed(self, failure: Failure, stream_id: int, service: str) -> None:
         self._connecting.pop(stream_id, None)
-        if (
-            failure.check(ConnectingCancelledError)
-            or self.session.stream_info(stream_id) is None
-        ):
+        if failure.check(ConnectingCancelledError) or self.session.stream_info(stream_id) is None:
             return
         code = Reason.TIMEOUT if failure.check(TimeoutError) else Reason.REFUSED
         why = failure.getErrorMessage()

@@ -55,6 +55,7 @@ class ProxyProtocol(Protocol):
         self._write_paused = False
         self._withheld = 0
         self._live = False
+        self._registered = False
         self._read_done = False  # the local socket sent EOF
         self._write_done = False  # we shut down its write side (peer EOF)
 
@@ -70,6 +71,7 @@ class ProxyProtocol(Protocol):
         ):
             handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._registered = True
 
     def dataReceived(self, data: bytes) -> None:
         if not self._live:
@@ -145,6 +147,12 @@ class ProxyProtocol(Protocol):
         else:
             self.channel.consumed(self.stream_id, len(data))
 
+    def _release_transport(self) -> None:
+        """Unregister as our transport's producer (it won't close while we are)."""
+        if self._registered and self.transport is not None:
+            self._registered = False
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+
     def resume_reading(self) -> None:
         if self.transport is not None and self._live:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
@@ -153,6 +161,9 @@ class ProxyProtocol(Protocol):
         """The peer half-closed: shut down our write side once the buffer is out."""
         self._write_done = True
         if self.transport is not None:
+            # No more peer data, so no more credit to withhold; and Twisted does
+            # not shut down a write side while a producer is registered on it.
+            self._release_transport()
             self.transport.loseWriteConnection()  # type: ignore[attr-defined]
 
     def stream_opened(self) -> None:
@@ -170,6 +181,7 @@ class ProxyProtocol(Protocol):
         self._live = False
         self.end_reason = "closed cleanly"
         if self.transport is not None:
+            self._release_transport()
             self.transport.loseConnection()
 
     def stream_reset(self, why: str) -> None:
@@ -183,9 +195,7 @@ class ProxyProtocol(Protocol):
     def stream_rejected(self, reason: int, message: str) -> None:
         self._live = False
         self.failed = True
-        self.end_reason = (
-            f"open failed: {reason_name(reason)}{': ' + message if message else ''}"
-        )
+        self.end_reason = f"open failed: {reason_name(reason)}{': ' + message if message else ''}"
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 

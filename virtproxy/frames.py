@@ -49,9 +49,7 @@ class FrameType(IntEnum):
     RESET = 0x16
 
 
-SESSION_FRAME_TYPES = frozenset(
-    {FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.GOAWAY}
-)
+SESSION_FRAME_TYPES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
 
 
 class Reason(IntEnum):
@@ -99,9 +97,7 @@ class Damage:
     type: int
 
 
-def encode_header(
-    ftype: int, stream: int, length: int, seq: int, flags: int = 0
-) -> bytes:
+def encode_header(ftype: int, stream: int, length: int, seq: int, flags: int = 0) -> bytes:
     header = _HEADER.pack(SYNC, VERSION, ftype, flags, seq, stream, length)
     return header + _HCHECK.pack(crc_hqx(header, 0xFFFF))
 
@@ -177,9 +173,7 @@ class FrameDecoder:
                 if buf[pos] != 0xA5 or buf[pos + 1] != 0x5C:
                     pos = self._skip(buf, pos, pos, size)
                     continue
-                _sync, version, ftype, flags, seq, stream, length = unpack_header(
-                    buf, pos
-                )
+                _sync, version, ftype, flags, seq, stream, length = unpack_header(buf, pos)
                 (hcheck,) = _HCHECK.unpack_from(buf, pos + 12)
                 if (
                     crc_hqx(view[pos : pos + 12], 0xFFFF) != hcheck
@@ -200,9 +194,7 @@ class FrameDecoder:
                 self._in_sync = True
                 self.frames += 1
                 results.append(
-                    Frame(
-                        ftype, stream, bytes(view[pos + HEADER_SIZE : end]), seq, flags
-                    )
+                    Frame(ftype, stream, bytes(view[pos + HEADER_SIZE : end]), seq, flags)
                 )
                 pos = end + TRAILER_SIZE
         if pos:

@@ -69,6 +69,7 @@ class VPChannelProtocol(Protocol):
                 label=self.channel.label,
                 peer=self.describe_peer(),
             )
+            transport.unregisterProducer()  # type: ignore[attr-defined]
             transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:

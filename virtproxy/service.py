@@ -43,9 +43,7 @@ class ListenService(Service):
 
     log = Logger()
 
-    def __init__(
-        self, endpoint: IStreamServerEndpoint, factory: Factory, description: str
-    ) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, description: str) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.description = description
@@ -56,15 +54,11 @@ class ListenService(Service):
         outcome: list[Any] = []
         self.endpoint.listen(self.factory).addBoth(outcome.append)
         if not outcome:
-            raise StartupError(
-                f"cannot listen for {self.description}: no answer from the endpoint"
-            )
+            raise StartupError(f"cannot listen for {self.description}: no answer from the endpoint")
         result = outcome[0]
         if isinstance(result, Failure):
             self.running = False
-            raise StartupError(
-                f"cannot listen for {self.description}: {result.getErrorMessage()}"
-            )
+            raise StartupError(f"cannot listen for {self.description}: {result.getErrorMessage()}")
         self.port = result
         self.log.info(
             "listening for {what} on {where}",
@@ -118,9 +112,7 @@ def make_service(config: DaemonConfig, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    iforwards = {
-        spec.name: clientFromString(reactor, spec.endpoint) for spec in config.iforwards
-    }
+    iforwards = {spec.name: clientFromString(reactor, spec.endpoint) for spec in config.iforwards}
     channel = Channel(
         reactor,
         session_config(config),
@@ -146,5 +138,6 @@ def make_service(config: DaemonConfig, reactor: Any = None) -> MultiService:
             clientFromString(reactor, config.channel.endpoint),
             ChannelClientFactory(channel),
             retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0, factor=2.0),
+            clock=reactor,
         ).setServiceParent(top)
     return top

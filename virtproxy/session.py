@@ -40,11 +40,11 @@ from virtproxy.frames import (
 _HELLO = struct.Struct(">QQIIII")
 _WINDOW = struct.Struct(">I")
 MAX_WINDOW = 0x7FFFFFFF
+#: HELLO flag: the sender's session is not up yet, so answer even if you agree.
+HELLO_ANSWER = 0x01
 MAX_SERVICE_NAME = 64
 MAX_MESSAGE = 200
-_SERVICE_CHARS = frozenset(
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
-)
+_SERVICE_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
 #: Frames the session holds for retransmission-free replay of recent resets.
 _RECENT_RESETS = 4096
@@ -205,14 +205,10 @@ class Session:
         self._control.clear()
         self._hello_queued = False
 
-    def go_away(
-        self, now: float, reason: int = Reason.SHUTDOWN, message: str = ""
-    ) -> None:
+    def go_away(self, now: float, reason: int = Reason.SHUTDOWN, message: str = "") -> None:
         """Tell the peer we are leaving, and end every stream (shutdown)."""
         if self.state is not State.DISCONNECTED:
-            self._control.append(
-                (FrameType.GOAWAY, 0, _reason_payload(reason, message))
-            )
+            self._control.append((FrameType.GOAWAY, 0, _reason_payload(reason, message)))
         self._end_session(message or reason_name(reason), reason)
         for stream in list(self.streams.values()):
             self._drop(stream)
@@ -288,9 +284,7 @@ class Session:
         if stream.state is StreamState.OPEN:
             self._mark_ready(stream)
 
-    def reset(
-        self, stream_id: int, reason: int = Reason.ABORTED, message: str = ""
-    ) -> None:
+    def reset(self, stream_id: int, reason: int = Reason.ABORTED, message: str = "") -> None:
         """Abort a stream from this side (its local socket failed or closed early)."""
         stream = self.streams.get(stream_id)
         if stream is None:
@@ -308,11 +302,7 @@ class Session:
     def consumed(self, stream_id: int, count: int) -> None:
         """The local socket really took ``count`` bytes of this stream: grant credit."""
         stream = self.streams.get(stream_id)
-        if (
-            stream is None
-            or stream.state is not StreamState.OPEN
-            or stream.eof_received
-        ):
+        if stream is None or stream.state is not StreamState.OPEN or stream.eof_received:
             return
         stream.unacked += count
         if stream.unacked >= self.config.window // 4:
@@ -331,10 +321,7 @@ class Session:
         if self.state is State.HANDSHAKING:
             times.append(self._next_hello)
         elif self.state is State.UP:
-            times.append(
-                max(self._last_received, self._last_ping)
-                + self.config.keepalive_interval
-            )
+            times.append(max(self._last_received, self._last_ping) + self.config.keepalive_interval)
             times.append(self._last_received + self.config.keepalive_timeout)
         return min(times) if times else None
 
@@ -377,15 +364,10 @@ class Session:
                     Reason.SESSION_LOST,
                     silent=True,
                 )
-            elif (
-                now - max(self._last_received, self._last_ping)
-                >= self.config.keepalive_interval
-            ):
+            elif now - max(self._last_received, self._last_ping) >= self.config.keepalive_interval:
                 self._last_ping = now
                 self._ping_counter += 1
-                self._control.append(
-                    (FrameType.PING, 0, self._ping_counter.to_bytes(8, "big"))
-                )
+                self._control.append((FrameType.PING, 0, self._ping_counter.to_bytes(8, "big")))
 
     # ------------------------------------------------------------------ input
 
@@ -422,11 +404,9 @@ class Session:
             if stream is not None:
                 self.reset(key, Reason.CORRUPT, "a frame of this stream was damaged")
                 self._events.append(
-                    ev.StreamReset(
-                        key, Reason.CORRUPT, "damaged frame on the channel", False
-                    )
+                    ev.StreamReset(key, Reason.CORRUPT, "damaged frame on the channel", False)
                 )
-                return
+            return  # data of a stream that is gone already: nothing else lost
         # Losing a control frame (OPEN, WINDOW, RESET...) can wedge any stream.
         self._restart(now, "a damaged control frame", Reason.CORRUPT)
 
@@ -472,9 +452,7 @@ class Session:
         if frame.stream or len(frame.payload) < _HELLO.size:
             self.stats.protocol_errors += 1
             return
-        their, seen, max_frame, window, max_streams, _caps = _HELLO.unpack_from(
-            frame.payload
-        )
+        their, seen, max_frame, window, max_streams, _caps = _HELLO.unpack_from(frame.payload)
         if (
             not their
             or not MIN_MAX_FRAME <= max_frame <= MAX_PAYLOAD
@@ -488,9 +466,7 @@ class Session:
         known = their == self.peer_session
         if not known:
             if self.state is State.UP:
-                self._end_session(
-                    "the peer restarted (new session id)", Reason.SESSION_LOST
-                )
+                self._end_session("the peer restarted (new session id)", Reason.SESSION_LOST)
                 self.state = State.HANDSHAKING
             self.peer_session = their
             self.peer_max_frame = max_frame
@@ -502,7 +478,7 @@ class Session:
             self._last_ping = now
             self.stats.sessions += 1
             self._events.append(ev.SessionUp(their, max_frame, window))
-        if not (known and seen == self.session_id):
+        if not (known and seen == self.session_id) or frame.flags & HELLO_ANSWER:
             self._queue_hello()
         if self.state is State.UP:
             self._send_pending_opens()
@@ -525,11 +501,11 @@ class Session:
 
     def _on_open(self, frame: Frame, key: int) -> None:
         number = key & MAX_STREAM_NUMBER
-        if (
-            not key & OPENER_BIT
-            or key in self.streams
-            or number <= self._highest_peer_number
-        ):
+        duplicate = self.streams.get(key)
+        if duplicate is not None:
+            self._stream_protocol_error(duplicate, "OPEN for a stream already open")
+            return
+        if not key & OPENER_BIT or number <= self._highest_peer_number:
             self._protocol_error(frame, "OPEN with a used or invalid stream id")
             return
         self._highest_peer_number = number
@@ -555,9 +531,7 @@ class Session:
             )
             return
         self._peer_opened += 1
-        stream = Stream(
-            key, name.decode("ascii"), ours=False, state=StreamState.ACCEPTING
-        )
+        stream = Stream(key, name.decode("ascii"), ours=False, state=StreamState.ACCEPTING)
         self.streams[key] = stream
         self._events.append(ev.StreamRequested(key, stream.service))
 
@@ -565,9 +539,7 @@ class Session:
         if key in self._recent_resets:
             return  # was in flight when we reset it
         number = key & MAX_STREAM_NUMBER
-        known_range = (
-            self._highest_peer_number if key & OPENER_BIT else self._next_number - 1
-        )
+        known_range = self._highest_peer_number if key & OPENER_BIT else self._next_number - 1
         if number and number <= known_range:
             return  # an old stream, ended on our side already
         self._protocol_error(frame, "frame for a stream that never existed")
@@ -632,11 +604,7 @@ class Session:
     # ------------------------------------------------------------------ output
 
     def has_data_to_send(self) -> bool:
-        return bool(
-            self._hello_queued
-            or self._control
-            or (self.state is State.UP and self._ready)
-        )
+        return bool(self._hello_queued or self._control or (self.state is State.UP and self._ready))
 
     def data_to_send(self, limit: int = 256 * 1024) -> bytes:
         """Frames for the channel, control first, then DATA round-robin; about ``limit`` bytes."""
@@ -660,7 +628,8 @@ class Session:
                 self.config.max_streams,
                 0,
             )
-            size += encode_into(out, FrameType.HELLO, 0, payload, 0)
+            flags = 0 if self.state is State.UP else HELLO_ANSWER
+            size += encode_into(out, FrameType.HELLO, 0, payload, 0, flags)
             frames += 1
             seq = 0
         while control and size < limit:
@@ -708,9 +677,7 @@ class Session:
         available = len(head) - offset
         if available >= limit or len(queue) == 1:
             count = min(available, limit)
-            chunk = (
-                head[offset : offset + count] if offset or count < len(head) else head
-            )
+            chunk = head[offset : offset + count] if offset or count < len(head) else head
             if count == available:
                 queue.popleft()
                 stream.head_offset = 0
@@ -757,9 +724,7 @@ class Session:
     def _queue_hello(self) -> None:
         self._hello_queued = True
 
-    def _restart(
-        self, now: float, reason: str, code: int, silent: bool = False
-    ) -> None:
+    def _restart(self, now: float, reason: str, code: int, silent: bool = False) -> None:
         """End the session on a live channel and handshake a new one.
 
         The new session id in our HELLO is what ends the session at the peer.
@@ -769,6 +734,9 @@ class Session:
 
     def _end_session(self, reason: str, code: int, silent: bool = False) -> None:
         was_up = self.state is State.UP
+        if was_up:
+            # Leave UP first: dropping a stream must not send queued opens now.
+            self.state = State.HANDSHAKING
         for stream in list(self.streams.values()):
             if stream.state is StreamState.PENDING:
                 continue
@@ -779,13 +747,9 @@ class Session:
                 self._events.append(ev.StreamReset(stream.key, code, reason, False))
         self._ready.clear()
         # Drop queued frames that belong to the old session; keep a GOAWAY.
-        self._control = deque(
-            item for item in self._control if item[0] == FrameType.GOAWAY
-        )
+        self._control = deque(item for item in self._control if item[0] == FrameType.GOAWAY)
         if was_up:
             self._events.append(ev.SessionEnded(self.peer_session, reason, silent))
-        if self.state is State.UP:
-            self.state = State.HANDSHAKING
         self.peer_session = 0
 
     def _send_pending_opens(self) -> None:

@@ -1,0 +1,159 @@
+"""The ``virtproxy`` command and ``python -m virtproxy``.
+
+Errors an operator can fix (bad options, an address already in use) end the
+process with one ``virtproxy: error: ...`` line on stderr, never a traceback:
+status 2 for options, 1 for startup.  Once the service is up, everything goes
+to stderr through twisted.logger, one line per event, until SIGINT or SIGTERM
+stops the reactor (status 0).
+
+This module imports neither the reactor nor ``virtproxy.service`` at import
+time: the twistd plugin imports it while twistd has not yet installed the
+reactor the user chose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+
+from twisted.application.service import IService, MultiService
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+
+from virtproxy.errors import StartupError
+from virtproxy.options import format_error, parse_or_exit
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorCore
+
+    from virtproxy.config import DaemonConfig
+
+log = Logger()
+
+
+def _real_stderr() -> TextIO:
+    """stderr as the process got it: twistd replaces ``sys.stderr`` with a log."""
+    return sys.__stderr__ or sys.stderr
+
+
+def report_error(message: object) -> None:
+    """Print the one-line ``virtproxy: error: ...`` for the operator."""
+    print(format_error(message), file=_real_stderr(), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``virtproxy`` console script; returns the exit status."""
+    options = parse_or_exit(sys.argv[1:] if argv is None else argv)
+    return run(options.config)
+
+
+def run(config: DaemonConfig, reactor: IReactorCore | None = None) -> int:
+    """Start the daemon for ``config`` and run the reactor until it stops.
+
+    Logging begins only after the service started: events from startup are
+    buffered by twisted.logger and replayed then, so a :class:`StartupError`
+    is the only line a failed start writes.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    assert reactor is not None
+    from virtproxy.service import make_service
+
+    stop_early_on_signals(reactor)
+    try:
+        service = make_service(config, reactor)
+        service.privilegedStartService()
+        service.startService()
+    except StartupError as e:
+        report_error(e.message)
+        return 1
+    begin_logging(sys.stderr)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.callWhenRunning(
+        log.info, "virtproxy started; channel {channel}", channel=config.channel.original
+    )
+    # From here the reactor's own SIGINT/SIGTERM handlers stop it cleanly.
+    reactor.run()
+    return 0
+
+
+def stop_early_on_signals(reactor: IReactorCore) -> None:
+    """Make SIGINT/SIGTERM before ``reactor.run()`` a clean stop too.
+
+    The reactor installs its handlers only once it runs; until then SIGINT
+    would be a KeyboardInterrupt traceback and SIGTERM an abrupt death.
+    """
+
+    def stop_when_running(signum: int, frame: object) -> None:
+        reactor.callWhenRunning(reactor.stop)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop_when_running)
+
+
+def begin_logging(stream: TextIO) -> None:
+    """Send every log event to ``stream``, one timestamped line each."""
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(stream)], redirectStandardIO=False)
+
+
+class StartupGuard(MultiService):
+    """Parent of the daemon's services under twistd: one line for StartupError.
+
+    twistd lets an exception from starting the application escape as a
+    traceback.  Instead this logs the error line, removes the pidfile twistd
+    wrote and exits 1.  In the foreground (``twistd -n``) the line also goes to
+    the real stderr; daemonised, it goes through twistd's status pipe, so the
+    waiting parent reports it and exits 1.
+    """
+
+    def __init__(self, child: IService, twistd_config: Mapping[str, Any] | None) -> None:
+        super().__init__()
+        #: twistd's ServerOptions (``None`` if built outside twistd); read at
+        #: failure time because twistd adds ``statusPipe`` when it daemonises.
+        self.twistd_config = twistd_config
+        child.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        """Children bind privileged ports here; a failure is reported the same."""
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            self._fail(e)
+
+    def startService(self) -> None:
+        """Start the children, turning StartupError into one line and an exit."""
+        try:
+            super().startService()
+        except StartupError as e:
+            self._fail(e)
+
+    def _fail(self, error: StartupError) -> NoReturn:
+        line = format_error(error.message)
+        log.critical("{line}", line=line)
+        config = self.twistd_config or {}
+        status_pipe = config.get("statusPipe")
+        if isinstance(status_pipe, int):
+            # twistd's parent reads at most 100 bytes and prints them after "1 ".
+            with contextlib.suppress(OSError):
+                os.write(status_pipe, b"1 " + line.encode("utf-8", "replace")[:98])
+                os.close(status_pipe)
+        else:
+            report_error(error.message)
+        _remove_pidfile(config.get("pidfile"))
+        raise SystemExit(1)
+
+
+def _remove_pidfile(pidfile: object) -> None:
+    """twistd removes its pidfile on an exception, but not on SystemExit."""
+    if not isinstance(pidfile, str) or not pidfile:
+        return
+    with contextlib.suppress(OSError):
+        with open(pidfile, "rb") as f:
+            mine = f.read().strip() == str(os.getpid()).encode()
+        if mine:
+            os.remove(pidfile)

@@ -1,0 +1,31 @@
+"""Exceptions shared by the daemon's parts and its entry points.
+
+The entry points (``virtproxy``, ``python -m virtproxy``, ``twistd virtproxy``)
+turn a :class:`StartupError` into one ``virtproxy: error: <message>`` line on
+stderr and a non-zero exit status, so its message must be a single line that
+makes sense to an operator without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class VirtproxyError(Exception):
+    """Base class of every error virtproxy raises on purpose."""
+
+
+class StartupError(VirtproxyError):
+    """The daemon cannot start, e.g. an address is already in use.
+
+    Raise it synchronously from ``privilegedStartService``/``startService`` of
+    a service returned by ``virtproxy.service.make_service``; the message is
+    shown to the operator as one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        # Keep the one-line promise even if a wrapped OS error had newlines.
+        super().__init__(" ".join(str(message).split()))
+
+    @property
+    def message(self) -> str:
+        """The one-line message, without any prefix."""
+        return str(self.args[0])
