@@ -71,6 +71,8 @@ class RecordingTransport(StringTransport):
         self.clock = clock
         self.protocol: Any = None
         self.write_closes = 0
+        #: A full buffer: the pipe will not ask the pull producer for more.
+        self.stalled = False
         self.closes = 0
         self.aborts = 0
         self.lost = False
@@ -185,10 +187,26 @@ class Pipe:
     ) -> bool:
         data = src.value()
         if not data or dst.producerState != "producing":
-            return False
+            return self._drained(src)
         src.clear()
         if on and not src.aborts and not dst.lost and not dst.aborts:
             proto.dataReceived(data)
+        self._drained(src)
+        return True
+
+    @staticmethod
+    def _drained(transport: RecordingTransport) -> bool:
+        """As a real transport does: an empty buffer asks its pull producer for more."""
+        producer = transport.producer
+        if (
+            producer is None
+            or transport.streaming
+            or transport.value()
+            or not getattr(producer, "paused", False)
+            or getattr(transport, "stalled", False)
+        ):
+            return False
+        producer.resumeProducing()
         return True
 
     def pump(self) -> None:
@@ -638,7 +656,8 @@ def test_second_channel_connection_is_refused(world: World, logs: Logs) -> None:
 
 def test_paused_channel_transport_gets_no_writes_and_local_reads_pause(world: World) -> None:
     local, target = world.open()
-    world.pipe.pa.pauseProducing()  # A's channel transport buffer is full
+    world.pipe.ta.stalled = True  # A's channel transport buffer is full
+    world.pipe.pa.pauseProducing()
     world.pipe.ta.clear()
     data = blob(HIGH_WATER + 40_000)
     local.send(data[: HIGH_WATER - 1])
@@ -649,6 +668,7 @@ def test_paused_channel_transport_gets_no_writes_and_local_reads_pause(world: Wo
     assert local.transport.producerState == "paused"
     assert world.pipe.ta.value() == b""
 
+    world.pipe.ta.stalled = False
     world.pipe.pa.resumeProducing()
     world.pipe.pump()
     assert target.received() == data
@@ -838,13 +858,15 @@ def test_shutdown_while_the_channel_is_down_fails_waiting_clients(logs: Logs) ->
 def test_control_backlog_stops_reading_the_channel(logs: Logs) -> None:
     """A peer that sends without reading our answers: we stop reading it."""
     w = make_world(b_config={"max_streams": 10_000})
-    w.pipe.pb.pauseProducing()  # B cannot write: its answers pile up
+    w.pipe.tb.stalled = True  # B cannot write: its answers pile up
+    w.pipe.pb.pauseProducing()
     locals_ = [w.accept(service="nope", port=10_000 + i) for i in range(4200)]
     assert w.pipe.tb.producerState == "paused", "B kept reading a peer that does not read"
     backlog = len(w.b.session._control)
     assert backlog > 4096
     w.pipe.pump()
     assert len(w.b.session._control) == backlog  # nothing more was read
+    w.pipe.tb.stalled = False
     w.pipe.pb.resumeProducing()
     w.pipe.pump()
     assert w.pipe.tb.producerState == "producing"

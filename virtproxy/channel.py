@@ -30,10 +30,6 @@ if TYPE_CHECKING:
     from virtproxy.factories import ProxyProtocol
     from virtproxy.protocol import VPChannelProtocol
 
-#: Bytes taken from the session per channel write; the transport's own buffer
-#: (and its producer pause) bounds how many such writes are outstanding.
-WRITE_CHUNK = 256 * 1024
-
 
 class Channel:
     """One channel to one peer, with its session and streams."""
@@ -176,8 +172,9 @@ class Channel:
         session = self.session
         if protocol is None or protocol.transport is None:
             return
-        while not protocol.paused and session.has_data_to_send():
-            protocol.transport.write(session.data_to_send(WRITE_CHUNK))
+        if not protocol.paused and session.has_data_to_send():
+            chunk = protocol.pacer.chunk
+            protocol.wrote(session.data_to_send(chunk, chunk))
             if session._events:
                 self._again = True
         protocol.set_reading(not session.input_paused)

@@ -1,10 +1,13 @@
 """VPChannelProtocol: the channel transport's protocol.
 
 It is deliberately thin: bytes go to the :class:`~virtproxy.channel.Channel`
-(and from there into the sans-I/O session), and it is the channel transport's
-streaming producer, so a full transport buffer pauses the session's output and
-in turn, through per-stream queues, the local sockets' reads.  It works over
-any transport: TCP, UNIX, a serial port, a virtio-serial port.
+(and from there into the sans-I/O session).  It is the channel transport's
+*pull* producer: it writes one chunk, sized by a :class:`WritePacer` to the
+channel's speed, and writes the next only when the transport has drained the
+last.  A slow channel therefore backs up into the per-stream queues (where the
+scheduler can still put a keystroke first) and, through them, pauses the
+local sockets' reads.  It works over any transport: TCP, UNIX, a serial port,
+a virtio-serial port.
 """
 
 from __future__ import annotations
@@ -12,24 +15,28 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from virtproxy.pacing import WritePacer
+
 if TYPE_CHECKING:
     from virtproxy.channel import Channel
 
-#: Kernel send buffer for socket channels.  Small, so bytes wait in our
+#: Kernel send buffer for UNIX channels.  Bounded, so bytes wait in our
 #: per-stream queues, where the scheduler can still put a keystroke first,
 #: rather than in the kernel in front of it.
-CHANNEL_SNDBUF = 256 * 1024
-#: Twisted's own write buffer before it pauses us.
-CHANNEL_BUFFER = 128 * 1024
+UNIX_SNDBUF = 256 * 1024
+#: Unsent bytes a TCP channel's kernel queue may hold before it stops
+#: reporting writable (TCP_NOTSENT_LOWAT; 25 on Linux).
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+NOTSENT_LOWAT = 16 * 1024
 
 
-@implementer(IPushProducer)
+@implementer(IPullProducer)
 class VPChannelProtocol(Protocol):
     """Carries one connection of a :class:`~virtproxy.channel.Channel`."""
 
@@ -40,6 +47,7 @@ class VPChannelProtocol(Protocol):
         self.paused = False
         self.attached = False
         self._reading = True
+        self.pacer = WritePacer()
 
     def describe_peer(self) -> str:
         if self.transport is None:
@@ -58,10 +66,17 @@ class VPChannelProtocol(Protocol):
         if isinstance(handle, socket.socket):
             if handle.family in (socket.AF_INET, socket.AF_INET6):
                 handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHANNEL_SNDBUF)
-        if hasattr(transport, "bufferSize"):
-            transport.bufferSize = CHANNEL_BUFFER
-        transport.registerProducer(self, True)  # type: ignore[attr-defined]
+                try:
+                    handle.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+                except OSError:
+                    pass  # not Linux: the pacer alone bounds the queue
+            elif handle.family == socket.AF_UNIX:
+                handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
+        # A pull producer: the transport asks for the next chunk only when the
+        # previous one has drained into the kernel, so Twisted's buffer never
+        # holds more than one paced chunk.
+        self.paused = True
+        transport.registerProducer(self, False)  # type: ignore[attr-defined]
         self.attached = self.channel.attach(self)
         if not self.attached:
             self.log.warn(
@@ -81,12 +96,20 @@ class VPChannelProtocol(Protocol):
             self.attached = False
             self.channel.detach(self, reason.getErrorMessage())
 
-    # IPushProducer: the channel transport tells us when its buffer is full.
+    def wrote(self, data: bytes) -> None:
+        """Write one chunk, then wait for the transport to ask for the next."""
+        assert self.transport is not None
+        self.paused = True
+        self.pacer.wrote(len(data), self.channel.reactor.seconds())
+        self.transport.write(data)
+
     def pauseProducing(self) -> None:
         self.paused = True
 
+    # IPullProducer: the channel transport drained and wants more.
     def resumeProducing(self) -> None:
         self.paused = False
+        self.pacer.drained(self.channel.reactor.seconds())
         if self.attached:
             self.channel.pump()
 

@@ -606,8 +606,12 @@ class Session:
     def has_data_to_send(self) -> bool:
         return bool(self._hello_queued or self._control or (self.state is State.UP and self._ready))
 
-    def data_to_send(self, limit: int = 256 * 1024) -> bytes:
-        """Frames for the channel, control first, then DATA round-robin; about ``limit`` bytes."""
+    def data_to_send(self, limit: int = 256 * 1024, frame_limit: int = MAX_PAYLOAD) -> bytes:
+        """Frames for the channel, control first, then DATA round-robin; about ``limit`` bytes.
+
+        DATA payloads are at most ``frame_limit`` (and the peer's max_frame), so
+        a slow channel can keep each frame short.
+        """
         out: list[bytes] = []
         size = 0
         control = self._control
@@ -639,7 +643,7 @@ class Session:
             frames += 1
         if self.state is State.UP:
             ready = self._ready
-            max_frame = self.peer_max_frame
+            max_frame = max(1, min(self.peer_max_frame, frame_limit))
             while ready and size < limit:
                 stream = ready.popleft()
                 stream.ready = False
