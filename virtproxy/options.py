@@ -232,7 +232,7 @@ def _tcp_server(host: str, port: int, is_v6: bool, backlog: int) -> str:
 
 
 def _unix_server(path: str, backlog: int) -> str:
-    return f"unix:{quote_endpoint_arg(path)}:lockfile=0:mode={UNIX_SOCKET_MODE}:backlog={backlog}"
+    return f"unix:{quote_endpoint_arg(path)}:lockfile=1:mode={UNIX_SOCKET_MODE}:backlog={backlog}"
 
 
 def parse_channel(spec: str) -> ChannelSpec:

@@ -91,7 +91,8 @@ def _where(port: Any) -> str:
     host = getattr(address, "host", None)
     if host is not None:
         return f"{host}:{address.port}"
-    return str(getattr(address, "name", address))
+    name = getattr(address, "name", address)
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
 
 def session_config(config: DaemonConfig) -> SessionConfig:
