@@ -359,7 +359,7 @@ def test_endpoint_strings_parse_back() -> None:
 
     unix = server(parse("-c", "unix-listen:/tmp/a:b=c.sock:-").channel.endpoint)
     assert isinstance(unix, endpoints.UNIXServerEndpoint)
-    assert (unix._address, unix._mode, unix._wantPID) == ("/tmp/a:b=c.sock", 0o600, False)
+    assert (unix._address, unix._mode, unix._wantPID) == ("/tmp/a:b=c.sock", 0o600, True)
 
     connect = client(parse("-c", "tcp-connect:[fe80::1%eth0]:4000").channel.endpoint)
     assert isinstance(connect, endpoints.TCP4ClientEndpoint)

@@ -105,6 +105,7 @@ def test_listen_config_builds_listeners_for_forwards_and_channel(log_lines: list
     assert isinstance(first, VPChannelProtocol)
     transport = StringTransport()
     first.makeConnection(transport)
+    first.resumeProducing()  # a real transport asks its new pull producer at once
     assert channel.protocol is first and transport.value()  # our HELLO
     second = channel_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4001))
     second_transport = StringTransport()
@@ -138,6 +139,7 @@ def test_connect_config_connects_with_a_client_service() -> None:
     protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     transport = StringTransport()
     protocol.makeConnection(transport)
+    protocol.resumeProducing()  # a real transport asks its new pull producer at once
     channel = top.channel
     assert isinstance(channel.protocol, VPChannelProtocol)
     assert transport.value(), "no HELLO on a new channel connection"
