@@ -139,9 +139,9 @@ def test_connect_config_connects_with_a_client_service() -> None:
     protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     transport = StringTransport()
     protocol.makeConnection(transport)
-    protocol.resumeProducing()  # a real transport asks its new pull producer at once
     channel = top.channel
     assert isinstance(channel.protocol, VPChannelProtocol)
+    channel.protocol.resumeProducing()  # a real transport asks its pull producer at once
     assert transport.value(), "no HELLO on a new channel connection"
 
     top.stopService()
