@@ -469,6 +469,9 @@ class Session:
                 self._end_session("the peer restarted (new session id)", Reason.SESSION_LOST)
                 self.state = State.HANDSHAKING
             self.peer_session = their
+            # A new peer numbers its streams from 1 again.
+            self._highest_peer_number = 0
+            self._recent_resets.clear()
             self.peer_max_frame = max_frame
             self.peer_window = window
             self.peer_max_streams = max_streams
@@ -741,6 +744,15 @@ class Session:
         if was_up:
             # Leave UP first: dropping a stream must not send queued opens now.
             self.state = State.HANDSHAKING
+        # An OPEN still queued unsent never reached the peer: it waits for the
+        # next session like any other pending open.
+        unsent = [wire ^ OPENER_BIT for ftype, wire, _ in self._control if ftype == FrameType.OPEN]
+        for key in reversed(unsent):
+            stream = self.streams.get(key)
+            if stream is not None and stream.state is StreamState.OPENING:
+                stream.state = StreamState.PENDING
+                self._we_opened = max(0, self._we_opened - 1)
+                self._pending.appendleft(key)
         for stream in list(self.streams.values()):
             if stream.state is StreamState.PENDING:
                 continue
