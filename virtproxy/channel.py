@@ -174,7 +174,9 @@ class Channel:
             return
         if not protocol.paused and session.has_data_to_send():
             chunk = protocol.pacer.chunk
-            protocol.wrote(session.data_to_send(chunk, chunk))
+            data = session.data_to_send(chunk, chunk)
+            if data:  # an empty write would never drain, so never resume us
+                protocol.wrote(data)
             if session._events:
                 self._again = True
         protocol.set_reading(not session.input_paused)

@@ -607,6 +607,7 @@ class Session:
     # ------------------------------------------------------------------ output
 
     def has_data_to_send(self) -> bool:
+        """True if :meth:`data_to_send` may return bytes (it can still return none)."""
         return bool(self._hello_queued or self._control or (self.state is State.UP and self._ready))
 
     def data_to_send(self, limit: int = 256 * 1024, frame_limit: int = MAX_PAYLOAD) -> bytes:
