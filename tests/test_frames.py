@@ -301,3 +301,34 @@ def test_reason_name() -> None:
     assert reason_name(1) == "no service"
     assert reason_name(6) == "session lost"
     assert reason_name(200) == "reason 200"
+
+
+def test_truncated_frame_is_given_up_after_its_stall_deadline() -> None:
+    """A peer that died mid-frame must not hold back the frames that follow."""
+    from virtproxy.frames import FrameDecoder, FrameType, encode_frame
+
+    decoder = FrameDecoder()
+    cut = encode_frame(FrameType.DATA, 0x80000001, b"x" * 4000)[:1000]
+    good = encode_frame(FrameType.PING, 0, b"12345678")
+    assert decoder.feed(cut, now=10.0) == []
+    # Fresh frames keep arriving but sit inside the truncated frame's "payload".
+    assert decoder.feed(good, now=11.0) == []
+    deadline = decoder.stall_deadline()
+    assert deadline is not None and 12.0 < deadline < 20.0
+    assert decoder.expire(deadline - 0.1) == []
+    frames = decoder.expire(deadline)
+    assert [f.payload for f in frames] == [b"12345678"]
+    assert decoder.stall_deadline() is None
+    assert decoder.discarded == len(cut)
+
+
+def test_a_frame_arriving_slowly_but_steadily_is_not_expired() -> None:
+    from virtproxy.frames import FrameDecoder, FrameType, encode_frame
+
+    decoder = FrameDecoder()
+    frame = encode_frame(FrameType.DATA, 0x80000001, b"y" * 512)
+    for index in range(0, len(frame) - 10, 10):  # ~10 bytes per 40 ms: a slow line
+        assert decoder.feed(frame[index : index + 10], now=index * 0.004) == []
+        assert decoder.expire(index * 0.004) == []
+    frames = decoder.feed(frame[index + 10 :], now=3.0)
+    assert len(frames) == 1 and frames[0].payload == b"y" * 512

@@ -1514,3 +1514,26 @@ TestSessionPairMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_session_recovers_from_a_peer_that_died_mid_frame() -> None:
+    """The survivor's tick() gives up on the truncated frame; the new peer's HELLOs get through."""
+    from virtproxy.frames import FrameType, encode_frame
+    from virtproxy.session import Session
+
+    survivor, newcomer = Session(), Session()
+    survivor.connection_made(0.0)
+    survivor.data_to_send()
+    survivor.receive_data(encode_frame(FrameType.DATA, 0x80000001, b"z" * 8000)[:3000], 0.0)
+    newcomer.connection_made(0.5)
+    now = 0.5
+    while now < 30.0 and not (survivor.is_up and newcomer.is_up):
+        for src, dst in ((newcomer, survivor), (survivor, newcomer)):
+            data = src.data_to_send()
+            if data:
+                dst.receive_data(data, now)
+        for side in (survivor, newcomer):
+            side.tick(now)
+        now += 0.25
+    assert survivor.is_up and newcomer.is_up
+    assert now < 12.0, f"took until {now} s"

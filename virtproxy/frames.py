@@ -30,6 +30,10 @@ MAX_PAYLOAD = 0xFFFF
 #: Smallest max_frame a peer may advertise.
 MIN_MAX_FRAME = 256
 
+#: A partial frame may wait this long (plus STALL_PER_BYTE a byte) for the rest.
+STALL_BASE = 2.0
+STALL_PER_BYTE = 0.001
+
 #: Bit 31 of a stream id on the wire: set when the frame's sender opened the stream.
 OPENER_BIT = 0x80000000
 MAX_STREAM_NUMBER = OPENER_BIT - 1
@@ -149,17 +153,46 @@ class FrameDecoder:
         #: Bytes skipped while searching (garbage, bad headers, damaged frames).
         self.discarded = 0
         self._in_sync = True
+        #: When the frame at the head of the buffer started waiting for its
+        #: missing bytes (None: not waiting), and how many it needs in all.
+        self._waiting_since: float | None = None
+        self._waiting_size = 0
 
     def reset(self) -> None:
         """Forget buffered bytes (a new connection starts with a clean slate)."""
         self._buffer.clear()
         self._in_sync = True
+        self._waiting_since = None
+
+    def stall_deadline(self) -> float | None:
+        """When a partial frame at the head of the buffer counts as truncated.
+
+        A sender writes every frame whole, so its bytes follow its header
+        closely; one that stays incomplete for seconds was cut off (a peer
+        that died or rebooted mid-frame).  Allow 2 s plus 1 ms a byte, which
+        covers a 64 KiB frame on a 9600-baud line.
+        """
+        if self._waiting_since is None:
+            return None
+        return self._waiting_since + STALL_BASE + self._waiting_size * STALL_PER_BYTE
+
+    def expire(self, now: float) -> list[Frame | Damage]:
+        """Give up on a truncated partial frame: resynchronise past its header."""
+        deadline = self.stall_deadline()
+        if deadline is None or now < deadline:
+            return []
+        self._waiting_since = None
+        buf = self._buffer
+        skip_to = self._skip(buf, 0, 1, len(buf))
+        del buf[:skip_to]
+        return self.feed(b"", now)
 
     @property
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[Frame | Damage]:
+    def feed(self, data: bytes, now: float = 0.0) -> list[Frame | Damage]:
+        """Decode what ``data`` completes; ``now`` dates a partial frame (see stall_deadline)."""
         buf = self._buffer
         buf += data
         results: list[Frame | Damage] = []
@@ -184,6 +217,9 @@ class FrameDecoder:
                     continue
                 end = pos + HEADER_SIZE + length
                 if size < end + TRAILER_SIZE:
+                    if pos or self._waiting_since is None:
+                        self._waiting_since = now
+                        self._waiting_size = length + FRAME_OVERHEAD
                     break
                 (crc,) = _CRC.unpack_from(buf, end)
                 if crc32(view[pos:end]) != crc:
@@ -192,6 +228,7 @@ class FrameDecoder:
                     pos = self._skip(buf, pos, pos + 1, size)
                     continue
                 self._in_sync = True
+                self._waiting_since = None
                 self.frames += 1
                 results.append(
                     Frame(ftype, stream, bytes(view[pos + HEADER_SIZE : end]), seq, flags)
@@ -203,6 +240,7 @@ class FrameDecoder:
 
     def _skip(self, buf: bytearray, pos: int, search_from: int, size: int) -> int:
         """Drop bytes from ``pos`` up to the next possible sync marker."""
+        self._waiting_since = None
         if self._in_sync:
             self._in_sync = False
             self.resyncs += 1

@@ -316,6 +316,9 @@ class Session:
     def next_deadline(self) -> float | None:
         """The earliest time at which :meth:`tick` has something to do."""
         times: list[float] = []
+        stall = self._decoder.stall_deadline()
+        if stall is not None and self.state is not State.DISCONNECTED:
+            times.append(stall)
         if self._deadlines:
             times.append(self._deadlines[0][0])
         if self.state is State.HANDSHAKING:
@@ -326,7 +329,10 @@ class Session:
         return min(times) if times else None
 
     def tick(self, now: float) -> None:
-        """Run timers due at ``now``: open timeouts, HELLO resends, keepalive."""
+        """Run timers due at ``now``: open timeouts, HELLO resends, keepalive,
+        and a truncated frame's stall."""
+        if self.state is not State.DISCONNECTED:
+            self._handle_decoded(self._decoder.expire(now), now)
         while self._deadlines and self._deadlines[0][0] <= now:
             _, key = heappop(self._deadlines)
             stream = self.streams.get(key)
@@ -374,8 +380,10 @@ class Session:
     def receive_data(self, data: bytes, now: float) -> None:
         """Bytes from the channel."""
         self.stats.bytes_in += len(data)
+        self._handle_decoded(self._decoder.feed(data, now), now)
+
+    def _handle_decoded(self, items: list[Frame | Damage], now: float) -> None:
         decoder = self._decoder
-        items = decoder.feed(data)
         stats = self.stats
         stats.damaged_frames = decoder.damaged
         stats.resyncs = decoder.resyncs
