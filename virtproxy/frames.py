@@ -31,8 +31,8 @@ MAX_PAYLOAD = 0xFFFF
 MIN_MAX_FRAME = 256
 
 #: A partial frame may wait this long (plus STALL_PER_BYTE a byte) for the rest.
-STALL_BASE = 2.0
-STALL_PER_BYTE = 0.001
+STALL_BASE = 1.0
+STALL_PER_BYTE = 0.0001
 
 #: Bit 31 of a stream id on the wire: set when the frame's sender opened the stream.
 OPENER_BIT = 0x80000000
@@ -169,8 +169,8 @@ class FrameDecoder:
 
         A sender writes every frame whole, so its bytes follow its header
         closely; one that stays incomplete for seconds was cut off (a peer
-        that died or rebooted mid-frame).  Allow 2 s plus 1 ms a byte, which
-        covers a 64 KiB frame on a 9600-baud line.
+        that died or rebooted mid-frame).  Allow 1 s plus 0.1 ms a byte (a
+        10 kB/s line); senders keep frames small on slower lines (see pacing).
         """
         if self._waiting_since is None:
             return None
