@@ -58,3 +58,19 @@ def test_drained_without_a_write_is_ignored() -> None:
     pacer = WritePacer()
     pacer.drained(1.0)
     assert pacer.chunk == 16 * 1024
+
+
+def test_a_kernel_buffer_taking_bursts_does_not_make_a_slow_line_look_fast() -> None:
+    """4 KiB of kernel buffer in front of an 11520 B/s line: most writes "drain"
+    at once, every few a write waits for the line."""
+    pacer = WritePacer()
+    now, kernel = 0.0, 0.0
+    for _ in range(400):
+        size = pacer.chunk
+        pacer.wrote(size, now)
+        kernel += size
+        room_wait = max(0.0, (kernel - 4096) / 11_520)
+        now += max(room_wait, 0.0002)
+        kernel = max(0.0, kernel - (now - (now - max(room_wait, 0.0002))) * 11_520)
+        pacer.drained(now)
+    assert pacer.chunk <= 1024, pacer.chunk

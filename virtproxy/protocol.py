@@ -33,7 +33,9 @@ UNIX_SNDBUF = 256 * 1024
 #: Unsent bytes a TCP channel's kernel queue may hold before it stops
 #: reporting writable (TCP_NOTSENT_LOWAT; 25 on Linux).
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
-NOTSENT_LOWAT = 16 * 1024
+#: It follows the pacer's chunk (about 10 ms of the line) within these bounds.
+NOTSENT_LOWAT_MIN = 512
+NOTSENT_LOWAT_MAX = 16 * 1024
 
 
 @implementer(IPullProducer)
@@ -48,6 +50,8 @@ class VPChannelProtocol(Protocol):
         self.attached = False
         self._reading = True
         self.pacer = WritePacer()
+        self._tcp: socket.socket | None = None
+        self._lowat = 0
 
     def describe_peer(self) -> str:
         if self.transport is None:
@@ -66,10 +70,8 @@ class VPChannelProtocol(Protocol):
         if isinstance(handle, socket.socket):
             if handle.family in (socket.AF_INET, socket.AF_INET6):
                 handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                try:
-                    handle.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
-                except OSError:
-                    pass  # not Linux: the pacer alone bounds the queue
+                self._tcp = handle
+                self._set_lowat(NOTSENT_LOWAT_MAX)
             elif handle.family == socket.AF_UNIX:
                 handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
         # A pull producer: the transport asks for the next chunk only when the
@@ -110,11 +112,24 @@ class VPChannelProtocol(Protocol):
     def resumeProducing(self) -> None:
         self.paused = False
         self.pacer.drained(self.channel.reactor.seconds())
+        if self._tcp is not None:
+            self._set_lowat(self.pacer.chunk)
         if self.attached:
             self.channel.pump()
 
     def stopProducing(self) -> None:
         self.paused = True
+
+    def _set_lowat(self, chunk: int) -> None:
+        """Keep the kernel's unsent TCP queue near one paced chunk."""
+        lowat = max(NOTSENT_LOWAT_MIN, min(NOTSENT_LOWAT_MAX, chunk))
+        if lowat == self._lowat or self._tcp is None:
+            return
+        self._lowat = lowat
+        try:
+            self._tcp.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
+        except OSError:
+            self._tcp = None  # not Linux: the pacer alone bounds the queue
 
     def set_reading(self, reading: bool) -> None:
         """Stop reading the channel while the session's control backlog is too long."""

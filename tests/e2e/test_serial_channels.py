@@ -287,7 +287,7 @@ def test_concurrent_echo_both_directions_and_http(relays, daemons, backends, hos
     relay = relays()
     echo_g = backends(EchoServer)  # behind the guest
     echo_h = backends(EchoServer)  # behind the host
-    body = os.urandom(200_000)  # below one window: see the xfail test below for larger
+    body = os.urandom(200_000)
     http = backends(HTTPBackend, body)
     hport, gport, wport = free_port(), free_port(), free_port()
     start_pair(
