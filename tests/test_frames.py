@@ -35,7 +35,8 @@ def frame_strategy(max_payload: int = SMALL_MAX) -> st.SearchStrategy[Frame]:
         ),
         payload=st.binary(max_size=max_payload),
         seq=st.integers(0, 255),
-        flags=st.integers(0, 255),
+        # Bit 0x02 on DATA (FLAG_HEADER_CRC) is only accepted where agreed: tested apart.
+        flags=st.integers(0, 255).map(lambda f: f & ~0x02),
     )
 
 
@@ -86,7 +87,7 @@ chunk_sizes = st.lists(st.integers(1, 2 * SMALL_MAX), min_size=1, max_size=8)
 def test_frames_round_trip_in_random_chunks(frames: list[Frame], sizes: list[int]) -> None:
     data = b"".join(encode(f) for f in frames)
     assert len(data) == sum(FRAME_OVERHEAD + len(f.payload) for f in frames)
-    decoder = FrameDecoder(SMALL_MAX)
+    decoder = FrameDecoder(SMALL_MAX, header_crc_ok=True)
     assert feed_in_chunks(decoder, data, sizes) == frames
     assert decoder.buffered == 0
     assert (decoder.frames, decoder.damaged, decoder.discarded, decoder.resyncs) == (
@@ -332,3 +333,20 @@ def test_a_frame_arriving_slowly_but_steadily_is_not_expired() -> None:
         assert decoder.expire(index * 0.0008) == []
     frames = decoder.feed(frame[index + 10 :], now=0.5)
     assert len(frames) == 1 and frames[0].payload == b"y" * 512
+
+
+def test_header_crc_data_is_accepted_only_where_agreed() -> None:
+    """FLAG_HEADER_CRC skips the payload check; a decoder that did not offer it
+    (a serial or virtio channel) treats such a frame as damaged."""
+    from virtproxy.frames import FLAG_HEADER_CRC, Damage, Frame, FrameDecoder, FrameType
+
+    light = encode_frame(FrameType.DATA, 0x80000001, b"payload", seq=3, flags=FLAG_HEADER_CRC)
+    trusting = FrameDecoder(header_crc_ok=True).feed(light)
+    assert trusting == [Frame(FrameType.DATA, 0x80000001, b"payload", 3, FLAG_HEADER_CRC)]
+    assert isinstance(FrameDecoder().feed(light)[0], Damage)
+    # The header stays protected: a flipped header byte is still caught.
+    flipped = bytearray(light)
+    flipped[9] ^= 0x01
+    assert not any(
+        isinstance(item, Frame) for item in FrameDecoder(header_crc_ok=True).feed(bytes(flipped))
+    )

@@ -1537,3 +1537,31 @@ def test_session_recovers_from_a_peer_that_died_mid_frame() -> None:
         now += 0.25
     assert survivor.is_up and newcomer.is_up
     assert now < 12.0, f"took until {now} s"
+
+
+def test_header_only_checks_are_used_only_when_both_sides_offer_them() -> None:
+    from virtproxy.frames import FLAG_HEADER_CRC, FrameDecoder
+    from virtproxy.session import Session, SessionConfig
+
+    def data_flags(a_offers: bool, b_offers: bool) -> int:
+        a = Session(SessionConfig(header_crc=a_offers))
+        b = Session(SessionConfig(header_crc=b_offers))
+        a.connection_made(0.0)
+        b.connection_made(0.0)
+        for _ in range(4):
+            b.receive_data(a.data_to_send(), 0.0)
+            a.receive_data(b.data_to_send(), 0.0)
+        assert a.is_up and b.is_up
+        stream = a.open_stream("svc", 0.0)
+        b.receive_data(a.data_to_send(), 0.0)
+        b.accept(b.take_events()[-1].stream_id)
+        a.receive_data(b.data_to_send(), 0.0)
+        a.send(stream, b"x" * 1000)
+        frames = FrameDecoder(header_crc_ok=True).feed(a.data_to_send())
+        got = [e for e in b.take_events()]
+        assert got is not None
+        return frames[-1].flags
+
+    assert data_flags(True, True) == FLAG_HEADER_CRC
+    assert data_flags(True, False) == 0  # the peer is on a serial or virtio port
+    assert data_flags(False, True) == 0

@@ -34,6 +34,13 @@ MIN_MAX_FRAME = 256
 STALL_BASE = 1.0
 STALL_PER_BYTE = 0.0001
 
+#: DATA flag: the trailing CRC-32 covers the header only (see docs/protocol.rst,
+#: "Header-only checks"); accepted only where both sides agreed to it.
+FLAG_HEADER_CRC = 0x02
+#: HELLO capability: "my channel is a kernel-checksummed socket; I accept
+#: FLAG_HEADER_CRC DATA frames".
+CAP_HEADER_CRC = 0x01
+
 #: Bit 31 of a stream id on the wire: set when the frame's sender opened the stream.
 OPENER_BIT = 0x80000000
 MAX_STREAM_NUMBER = OPENER_BIT - 1
@@ -52,6 +59,8 @@ class FrameType(IntEnum):
     EOF = 0x15
     RESET = 0x16
 
+
+DATA_TYPE = int(FrameType.DATA)
 
 SESSION_FRAME_TYPES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
 
@@ -114,7 +123,9 @@ def encode_into(
     Keeping pieces separate avoids copying a DATA payload twice.
     """
     header = encode_header(ftype, stream, len(payload), seq, flags)
-    crc = zlib.crc32(payload, zlib.crc32(header))
+    crc = zlib.crc32(header)
+    if not (flags & FLAG_HEADER_CRC and ftype == DATA_TYPE):
+        crc = zlib.crc32(payload, crc)
     out.append(header)
     if payload:
         out.append(payload)
@@ -141,9 +152,11 @@ class FrameDecoder:
     is ever held.
     """
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = MAX_PAYLOAD, header_crc_ok: bool = False) -> None:
         self._buffer = bytearray()
         self.max_payload = max_payload
+        #: Accept DATA frames whose CRC covers the header only (FLAG_HEADER_CRC).
+        self.header_crc_ok = header_crc_ok
         #: Frames accepted.
         self.frames = 0
         #: Frames with a valid header but a bad CRC.
@@ -222,7 +235,11 @@ class FrameDecoder:
                         self._waiting_size = length + FRAME_OVERHEAD
                     break
                 (crc,) = _CRC.unpack_from(buf, end)
-                if crc32(view[pos:end]) != crc:
+                if flags & FLAG_HEADER_CRC and self.header_crc_ok and ftype == DATA_TYPE:
+                    checked = crc32(view[pos : pos + HEADER_SIZE])
+                else:
+                    checked = crc32(view[pos:end])
+                if checked != crc:
                     self.damaged += 1
                     results.append(Damage(stream, seq, ftype))
                     pos = self._skip(buf, pos, pos + 1, size)

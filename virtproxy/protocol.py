@@ -30,12 +30,14 @@ if TYPE_CHECKING:
 #: per-stream queues, where the scheduler can still put a keystroke first,
 #: rather than in the kernel in front of it.
 UNIX_SNDBUF = 256 * 1024
+#: Bytes read from a socket channel at a time (Twisted's default is 64 KiB).
+CHANNEL_READ_SIZE = 256 * 1024
 #: Unsent bytes a TCP channel's kernel queue may hold before it stops
 #: reporting writable (TCP_NOTSENT_LOWAT; 25 on Linux).
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 #: It follows the pacer's chunk (about 10 ms of the line) within these bounds.
 NOTSENT_LOWAT_MIN = 512
-NOTSENT_LOWAT_MAX = 16 * 1024
+NOTSENT_LOWAT_MAX = 256 * 1024
 
 
 @implementer(IPullProducer)
@@ -74,6 +76,10 @@ class VPChannelProtocol(Protocol):
                 self._set_lowat(NOTSENT_LOWAT_MAX)
             elif handle.family == socket.AF_UNIX:
                 handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
+        if hasattr(transport, "bufferSize"):
+            # Twisted reads bufferSize bytes at a time; as a pull producer we
+            # are never paused by it, so it only sets the read size.
+            transport.bufferSize = CHANNEL_READ_SIZE
         # A pull producer: the transport asks for the next chunk only when the
         # previous one has drained into the kernel, so Twisted's buffer never
         # holds more than one paced chunk.

@@ -26,8 +26,11 @@ from virtproxy.factories import (
     ChannelServerFactory,
     ProxyServerFactory,
 )
+from virtproxy.frames import MAX_PAYLOAD
 from virtproxy.session import SessionConfig
 
+#: Kernel-checksummed, connection-per-session channels: no line noise to guard against.
+SOCKET_KINDS = frozenset({"tcp-listen", "tcp-connect", "unix-listen", "unix-connect"})
 #: Kinds whose transport cannot tell us the peer is gone: liveness is in-band only.
 IN_BAND_KINDS = frozenset({"serial", "virtserial"})
 
@@ -35,7 +38,9 @@ IN_BAND_KINDS = frozenset({"serial", "virtserial"})
 def default_max_frame(kind: str) -> int:
     """Frames sized to the channel: small on a serial line, so a keystroke
     never waits long behind a bulk frame."""
-    return 512 if kind == "serial" else 16384
+    if kind == "serial":
+        return 512
+    return 16384 if kind == "virtserial" else MAX_PAYLOAD
 
 
 class ListenService(Service):
@@ -104,6 +109,7 @@ def session_config(config: DaemonConfig) -> SessionConfig:
         keepalive_interval=config.keepalive_interval,
         keepalive_timeout=config.keepalive_timeout,
         open_timeout=config.connect_timeout,
+        header_crc=config.channel.kind in SOCKET_KINDS,
     )
 
 

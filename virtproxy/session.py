@@ -24,6 +24,8 @@ from heapq import heappop, heappush
 
 from virtproxy import events as ev
 from virtproxy.frames import (
+    CAP_HEADER_CRC,
+    FLAG_HEADER_CRC,
     MAX_PAYLOAD,
     MAX_STREAM_NUMBER,
     MIN_MAX_FRAME,
@@ -68,6 +70,9 @@ class SessionConfig:
     keepalive_timeout: float = 20.0
     hello_interval: float = 1.0
     open_timeout: float = 10.0
+    #: The channel is a kernel-checksummed socket (TCP, UNIX): offer and use
+    #: header-only checks on DATA (docs/protocol.rst, "Header-only checks").
+    header_crc: bool = False
     #: Bytes queued on one stream (unsent) above which ``send`` asks the caller
     #: to stop reading its local socket.
     send_high_water: int = 256 * 1024
@@ -158,7 +163,8 @@ class Session:
         self.peer_max_streams = 0
         self.streams: dict[int, Stream] = {}
         self._events: list[ev.Event] = []
-        self._decoder = FrameDecoder(self.config.max_frame)
+        self._decoder = FrameDecoder(self.config.max_frame, self.config.header_crc)
+        self._data_flags = 0  # FLAG_HEADER_CRC once both sides offered it
         self._control: deque[tuple[int, int, bytes]] = deque()
         self._hello_queued = False
         self._ready: deque[Stream] = deque()
@@ -433,7 +439,7 @@ class Session:
             return
         self._rx_seq = (self._rx_seq + 1) & 0xFF
         self._last_received = now
-        if frame.flags:
+        if frame.flags and (frame.flags != FLAG_HEADER_CRC or ftype != FrameType.DATA):
             self._protocol_error(frame, "unknown flags")
             return
         handler = _HANDLERS.get(ftype)
@@ -460,7 +466,7 @@ class Session:
         if frame.stream or len(frame.payload) < _HELLO.size:
             self.stats.protocol_errors += 1
             return
-        their, seen, max_frame, window, max_streams, _caps = _HELLO.unpack_from(frame.payload)
+        their, seen, max_frame, window, max_streams, caps = _HELLO.unpack_from(frame.payload)
         if (
             not their
             or not MIN_MAX_FRAME <= max_frame <= MAX_PAYLOAD
@@ -483,6 +489,8 @@ class Session:
             self.peer_max_frame = max_frame
             self.peer_window = window
             self.peer_max_streams = max_streams
+            both = self.config.header_crc and caps & CAP_HEADER_CRC
+            self._data_flags = FLAG_HEADER_CRC if both else 0
         if seen == self.session_id and self.state is not State.UP:
             self.state = State.UP
             self._last_received = now
@@ -642,7 +650,7 @@ class Session:
                 self.config.max_frame,
                 self.config.window,
                 self.config.max_streams,
-                0,
+                CAP_HEADER_CRC if self.config.header_crc else 0,
             )
             flags = 0 if self.state is State.UP else HELLO_ANSWER
             size += encode_into(out, FrameType.HELLO, 0, payload, 0, flags)
@@ -656,6 +664,7 @@ class Session:
         if self.state is State.UP:
             ready = self._ready
             max_frame = max(1, min(self.peer_max_frame, frame_limit))
+            data_flags = self._data_flags
             while ready and size < limit:
                 stream = ready.popleft()
                 stream.ready = False
@@ -667,7 +676,7 @@ class Session:
                 wire_id = stream.key ^ OPENER_BIT
                 if stream.queued and stream.send_credit > 0:
                     chunk = self._take(stream, min(stream.send_credit, max_frame))
-                    size += encode_into(out, FrameType.DATA, wire_id, chunk, seq)
+                    size += encode_into(out, FrameType.DATA, wire_id, chunk, seq, data_flags)
                     seq = (seq + 1) & 0xFF
                     frames += 1
                 if not stream.queued and stream.eof_pending and not stream.eof_sent:
