@@ -107,6 +107,8 @@ class VPChannelProtocol(Protocol):
     def wrote(self, data: bytes) -> None:
         """Write one chunk, then wait for the transport to ask for the next."""
         assert self.transport is not None
+        if not data:
+            return  # an empty write never drains, so it would never resume us
         self.paused = True
         self.pacer.wrote(len(data), self.channel.reactor.seconds())
         self.transport.write(data)

@@ -215,10 +215,10 @@ class Session:
         """Tell the peer we are leaving, and end every stream (shutdown)."""
         if self.state is not State.DISCONNECTED:
             self._control.append((FrameType.GOAWAY, 0, _reason_payload(reason, message)))
-        self._end_session(message or reason_name(reason), reason)
+        self._end_session(message or "this side is shutting down", reason)
         for stream in list(self.streams.values()):
             self._drop(stream)
-            self._events.append(ev.StreamRejected(stream.key, reason, "shutting down"))
+            self._events.append(ev.StreamRejected(stream.key, reason, "this side is shutting down"))
         self.state = State.DISCONNECTED
 
     def open_stream(self, service: str, now: float) -> int:
