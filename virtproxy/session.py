@@ -214,7 +214,7 @@ class Session:
     def go_away(self, now: float, reason: int = Reason.SHUTDOWN, message: str = "") -> None:
         """Tell the peer we are leaving, and end every stream (shutdown)."""
         if self.state is not State.DISCONNECTED:
-            self._control.append((FrameType.GOAWAY, 0, _reason_payload(reason, message)))
+            self._queue_reason(FrameType.GOAWAY, 0, reason, message)
         self._end_session(message or "this side is shutting down", reason)
         for stream in list(self.streams.values()):
             self._drop(stream)
@@ -258,13 +258,7 @@ class Session:
         stream = self.streams.get(stream_id)
         if stream is None or stream.state is not StreamState.ACCEPTING:
             return
-        self._control.append(
-            (
-                FrameType.OPEN_FAIL,
-                stream_id ^ OPENER_BIT,
-                _reason_payload(reason, message),
-            )
-        )
+        self._queue_reason(FrameType.OPEN_FAIL, stream_id ^ OPENER_BIT, reason, message)
         self._drop(stream)
 
     def send(self, stream_id: int, data: bytes) -> bool:
@@ -296,13 +290,7 @@ class Session:
         if stream is None:
             return
         if stream.state is not StreamState.PENDING:
-            self._control.append(
-                (
-                    FrameType.RESET,
-                    stream_id ^ OPENER_BIT,
-                    _reason_payload(reason, message),
-                )
-            )
+            self._queue_reason(FrameType.RESET, stream_id ^ OPENER_BIT, reason, message)
         self._drop(stream)
 
     def consumed(self, stream_id: int, count: int) -> None:
@@ -350,13 +338,7 @@ class Session:
             if stream.deadline > now:
                 continue
             if stream.state is StreamState.OPENING:
-                self._control.append(
-                    (
-                        FrameType.RESET,
-                        key ^ OPENER_BIT,
-                        _reason_payload(Reason.TIMEOUT, ""),
-                    )
-                )
+                self._queue_reason(FrameType.RESET, key ^ OPENER_BIT, Reason.TIMEOUT, "")
                 message = "the peer did not answer the open in time"
             elif self.state is State.UP:
                 message = "the peer had no free stream slot in time"
@@ -531,22 +513,14 @@ class Session:
         name = frame.payload
         if not valid_service_name(name):
             self.stats.protocol_errors += 1
-            self._control.append(
-                (
-                    FrameType.OPEN_FAIL,
-                    frame.stream ^ OPENER_BIT,
-                    _reason_payload(Reason.PROTOCOL, "bad service name"),
-                )
+            self._queue_reason(
+                FrameType.OPEN_FAIL, frame.stream ^ OPENER_BIT, Reason.PROTOCOL, "bad service name"
             )
             return
         if self._peer_opened >= self.config.max_streams:
             self.stats.limit_hits += 1
-            self._control.append(
-                (
-                    FrameType.OPEN_FAIL,
-                    frame.stream ^ OPENER_BIT,
-                    _reason_payload(Reason.LIMIT, "too many streams"),
-                )
+            self._queue_reason(
+                FrameType.OPEN_FAIL, frame.stream ^ OPENER_BIT, Reason.LIMIT, "too many streams"
             )
             return
         self._peer_opened += 1
@@ -804,6 +778,9 @@ class Session:
                 )
             )
 
+    def _queue_reason(self, ftype: int, wire_id: int, reason: int, message: str) -> None:
+        self._control.append((ftype, wire_id, _reason_payload(reason, message)))
+
     def _mark_ready(self, stream: Stream) -> None:
         if not stream.ready and (
             (stream.queued and stream.send_credit > 0)
@@ -847,13 +824,7 @@ class Session:
     def _protocol_error(self, frame: Frame, why: str) -> None:
         self.stats.protocol_errors += 1
         if frame.type != FrameType.RESET and frame.stream:
-            self._control.append(
-                (
-                    FrameType.RESET,
-                    frame.stream ^ OPENER_BIT,
-                    _reason_payload(Reason.PROTOCOL, why),
-                )
-            )
+            self._queue_reason(FrameType.RESET, frame.stream ^ OPENER_BIT, Reason.PROTOCOL, why)
 
     def _stream_protocol_error(self, stream: Stream, why: str) -> None:
         self.stats.protocol_errors += 1
@@ -864,6 +835,7 @@ class Session:
 
 
 def _reason_payload(reason: int, message: str) -> bytes:
+    """OPEN_FAIL, RESET and GOAWAY payloads: a reason byte, then a short UTF-8 message."""
     return bytes([reason & 0xFF]) + message.encode("utf-8")[:MAX_MESSAGE]
 
 
