@@ -458,3 +458,19 @@ def test_ipv6_literal_strings_really_listen_and_connect() -> Any:
         proto.transport.loseConnection()
     finally:
         yield port.stopListening()
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"), [("1", True), ("5000", True), ("0", False), ("-3", False), ("fast", False)]
+)
+def test_max_open_rate(value: str, ok: bool) -> None:
+    from virtproxy.options import Options
+
+    options = Options()
+    argv = ["--channel", "tcp-connect:127.0.0.1:4000", "--max-open-rate", value]
+    if ok:
+        options.parseOptions(argv)
+        assert options.config.max_open_rate == int(value)
+    else:
+        with pytest.raises(usage.UsageError, match="--max-open-rate"):
+            options.parseOptions(argv)

@@ -1565,3 +1565,44 @@ def test_header_only_checks_are_used_only_when_both_sides_offer_them() -> None:
     assert data_flags(True, True) == FLAG_HEADER_CRC
     assert data_flags(True, False) == 0  # the peer is on a serial or virtio port
     assert data_flags(False, True) == 0
+
+
+def test_peer_opens_are_rate_limited_with_a_burst() -> None:
+    """A peer that opens streams faster than max_open_rate gets OPEN_FAIL(LIMIT):
+    each accepted open costs a local connect ("rapid reset" must not become a flood)."""
+    from virtproxy import events as ev
+    from virtproxy.frames import Reason
+    from virtproxy.session import Session, SessionConfig
+
+    guest = Session(SessionConfig(max_open_rate=10))
+    host = Session()
+    guest.connection_made(0.0)
+    host.connection_made(0.0)
+
+    def pump(now: float) -> None:
+        for _ in range(4):
+            guest.receive_data(host.data_to_send(), now)
+            host.receive_data(guest.data_to_send(), now)
+
+    pump(0.0)
+    assert guest.is_up and host.is_up
+    host.take_events()
+    guest.take_events()
+
+    def burst(count: int, now: float) -> tuple[int, int]:
+        for _ in range(count):
+            host.open_stream("svc", now)
+        pump(now)
+        for event in guest.take_events():
+            if isinstance(event, ev.StreamRequested):
+                guest.reset(event.stream_id)  # open-and-reset churn
+        pump(now)
+        rejected = [e for e in host.take_events() if isinstance(e, ev.StreamRejected)]
+        limited = sum(e.reason == Reason.LIMIT for e in rejected)
+        churned = sum(e.reason == Reason.ABORTED for e in rejected)  # accepted, then reset
+        assert limited + churned == len(rejected) == count
+        return churned, limited
+
+    assert burst(30, 1.0) == (20, 10)  # a burst of twice the rate, then LIMIT
+    assert burst(8, 1.5) == (5, 3)  # half a second at 10/s refills 5 tokens
+    assert guest.stats.limit_hits == 13

@@ -63,4 +63,6 @@ class DaemonConfig:
     window: int = 256 * 1024
     #: Concurrent streams the peer may open towards us.
     max_streams: int = 1024
+    #: Streams the peer may open per second (token bucket, bursts of twice that).
+    max_open_rate: int = 1000
     extra: dict[str, object] = field(default_factory=dict)

@@ -422,6 +422,13 @@ class Options(usage.Options):
             "1024",
             f"Concurrent streams the peer may open towards us (1..{MAX_STREAMS}).",
         ],
+        [
+            "max-open-rate",
+            None,
+            "1000",
+            "Streams the peer may open per second, sustained (bursts of twice that); "
+            "each open costs a local connect, so a hostile peer must not churn them.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -510,6 +517,7 @@ class Options(usage.Options):
             max_frame = _integer("--max-frame", self["max-frame"], MIN_FRAME, MAX_FRAME)
         window = _integer("--window", self["window"], max_frame or MIN_FRAME, MAX_WINDOW)
         max_streams = _integer("--max-streams", self["max-streams"], 1, MAX_STREAMS)
+        max_open_rate = _integer("--max-open-rate", self["max-open-rate"], 1, 1_000_000)
 
         oforwards = _unique(
             "--oforward",
@@ -535,6 +543,7 @@ class Options(usage.Options):
             max_frame=max_frame,
             window=window,
             max_streams=max_streams,
+            max_open_rate=max_open_rate,
         )
 
 

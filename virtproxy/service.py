@@ -106,6 +106,7 @@ def session_config(config: DaemonConfig) -> SessionConfig:
         max_frame=max_frame,
         window=max(config.window, max_frame),
         max_streams=config.max_streams,
+        max_open_rate=config.max_open_rate,
         keepalive_interval=config.keepalive_interval,
         keepalive_timeout=config.keepalive_timeout,
         open_timeout=config.connect_timeout,

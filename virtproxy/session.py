@@ -66,6 +66,10 @@ class SessionConfig:
     max_frame: int = 16384
     window: int = 256 * 1024
     max_streams: int = 1024
+    #: Peer OPENs accepted per second, sustained; bursts up to twice that.
+    #: Each one costs a local connect, and opening and resetting streams in a
+    #: loop ("rapid reset") must not turn a peer into a connect flood.
+    max_open_rate: float = 1000.0
     keepalive_interval: float = 5.0
     keepalive_timeout: float = 20.0
     hello_interval: float = 1.0
@@ -84,6 +88,8 @@ class SessionConfig:
             raise ValueError(f"window must be max_frame..{MAX_WINDOW}")
         if self.max_streams < 1:
             raise ValueError("max_streams must be positive")
+        if self.max_open_rate <= 0:
+            raise ValueError("max_open_rate must be positive")
         if not 0 < self.keepalive_interval < self.keepalive_timeout:
             raise ValueError("need 0 < keepalive_interval < keepalive_timeout")
 
@@ -181,6 +187,8 @@ class Session:
         self._last_ping = 0.0
         self._next_hello = 0.0
         self._ping_counter = 0
+        self._open_tokens = 2.0 * self.config.max_open_rate
+        self._open_tokens_at = 0.0
 
     # ------------------------------------------------------------------ owner API
 
@@ -436,7 +444,7 @@ class Session:
             return
         key = frame.stream
         if ftype == FrameType.OPEN:
-            self._on_open(frame, key)
+            self._on_open(frame, key, now)
             return
         stream = self.streams.get(key)
         if stream is None:
@@ -500,7 +508,18 @@ class Session:
         text = f"the peer went away ({reason_name(reason)}{': ' + message if message else ''})"
         self._restart(now, text, Reason.SESSION_LOST)
 
-    def _on_open(self, frame: Frame, key: int) -> None:
+    def _take_open_token(self, now: float) -> bool:
+        """Token bucket for peer OPENs: max_open_rate a second, bursts of twice that."""
+        rate = self.config.max_open_rate
+        elapsed = max(0.0, now - self._open_tokens_at)
+        self._open_tokens = min(2.0 * rate, self._open_tokens + elapsed * rate)
+        self._open_tokens_at = now
+        if self._open_tokens < 1.0:
+            return False
+        self._open_tokens -= 1.0
+        return True
+
+    def _on_open(self, frame: Frame, key: int, now: float) -> None:
         number = key & MAX_STREAM_NUMBER
         duplicate = self.streams.get(key)
         if duplicate is not None:
@@ -521,6 +540,12 @@ class Session:
             self.stats.limit_hits += 1
             self._queue_reason(
                 FrameType.OPEN_FAIL, frame.stream ^ OPENER_BIT, Reason.LIMIT, "too many streams"
+            )
+            return
+        if not self._take_open_token(now):
+            self.stats.limit_hits += 1
+            self._queue_reason(
+                FrameType.OPEN_FAIL, frame.stream ^ OPENER_BIT, Reason.LIMIT, "opening too fast"
             )
             return
         self._peer_opened += 1
