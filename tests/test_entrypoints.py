@@ -264,5 +264,9 @@ def test_installed_package(tmp_path: Path) -> None:
         timeout=60,
     )
     mine, twisted_init = where.stdout.split()
-    assert not mine.startswith(str(REPO_ROOT)), "the installed copy was not used"
+    # The venv may live inside the checkout (README: python3 -m venv .venv).
+    assert Path(mine).resolve() != (REPO_ROOT / "virtproxy" / "__init__.py").resolve(), (
+        "the installed copy was not used"
+    )
+    assert "site-packages" in Path(mine).parts, mine
     assert Path(twisted_init).parent.parent == Path(mine).parent.parent  # same site-packages
