@@ -210,7 +210,9 @@ def test_session_emits_frames_in_the_spec_layout() -> None:
 
     session.receive_data(peer.frame(FrameType.PING, 0, b"\x00" * 7 + b"\x2a"), 0.5)
     data = session.data_to_send()
-    assert data == spec_frame(0x03, 0, b"\x00" * 7 + b"\x2a", 1), hexdump(data)
+    # PONG: the PING's 8 bytes, then the DATA bytes received since our HELLO (none).
+    pong = b"\x00" * 7 + b"\x2a" + b"\x00" * 8
+    assert data == spec_frame(0x03, 0, pong, 1), hexdump(data)
 
     session.receive_data(peer.frame(FrameType.OPEN_OK, 0x00000001), 0.5)
     session.send(stream, b"hello")

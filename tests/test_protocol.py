@@ -692,7 +692,8 @@ def test_channel_transport_pausing_during_write_stops_the_flush(world: World) ->
         local.send(blob(40_000))
     assert len(writes) == 1, writes
     world.pipe.pa.resumeProducing()
-    assert len(writes) == 2
+    world.pipe.pump()  # the peer's PONG reopens the in-flight budget
+    assert len(writes) >= 2
 
 
 def test_slow_target_withholds_credit_only_for_its_stream(world: World) -> None:

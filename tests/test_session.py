@@ -849,7 +849,9 @@ def test_keepalive_ping_after_interval_and_pong_answered() -> None:
     ping_a = pair.sent_frames[A][-1].payload
     pair.pump()
     pong_b = pair.sent_frames[B][-1]
-    assert (pong_b.type, pong_b.payload) == (FrameType.PONG, ping_a)
+    # A PONG echoes the PING's 8 bytes, then counts the DATA bytes received.
+    assert (pong_b.type, pong_b.payload[:8]) == (FrameType.PONG, ping_a)
+    assert len(pong_b.payload) == 16
     # Driven only at next_deadline(), the session stays up for a long time.
     for _ in range(100):
         pair.tick(min(s.next_deadline() or 1e9 for s in pair.sessions))
@@ -901,7 +903,9 @@ def test_ping_flood_keeps_one_pong() -> None:
     session.receive_data(flood, 1.0)
     assert not session.input_paused
     frames = peer.read(session)
-    assert [(f.type, f.payload) for f in frames] == [(FrameType.PONG, (9999).to_bytes(8, "big"))]
+    assert [(f.type, f.payload[:8]) for f in frames] == [
+        (FrameType.PONG, (9999).to_bytes(8, "big"))
+    ]
     assert session.is_up
 
 
@@ -1135,7 +1139,8 @@ def test_unknown_type_flags_and_session_frames_with_stream_are_ignored() -> None
     assert peer.read(session) == []
     # The sequence still counts the ignored frames: the next PING is answered.
     session.receive_data(peer.frame(FrameType.PING, 0, b"12345678"), 1.0)
-    assert [(f.type, f.payload) for f in peer.read(session)] == [(FrameType.PONG, b"12345678")]
+    pongs = [(f.type, f.payload[:8]) for f in peer.read(session)]
+    assert pongs == [(FrameType.PONG, b"12345678")]
     assert session.is_up and session.take_events() == []
     assert session.stats.protocol_errors == 3
 
@@ -1606,3 +1611,77 @@ def test_peer_opens_are_rate_limited_with_a_burst() -> None:
     assert burst(30, 1.0) == (20, 10)  # a burst of twice the rate, then LIMIT
     assert burst(8, 1.5) == (5, 3)  # half a second at 10/s refills 5 tokens
     assert guest.stats.limit_hits == 13
+
+
+def test_bytes_in_flight_follow_the_line_so_keystrokes_pass_bulk() -> None:
+    """A 11.5 kB/s line with an unbounded buffer in front of it (a pty, a relay, a
+    UART's queue): probes keep that hidden queue short, so a keystroke sent during
+    a bulk upload crosses in well under the 250 ms budget, and goodput stays high."""
+    from virtproxy import events as ev
+    from virtproxy.session import FLIGHT_MIN, Session, SessionConfig
+
+    rate, step = 11_520.0, 0.005
+    a = Session(SessionConfig(max_frame=512))
+    b = Session(SessionConfig(max_frame=512))
+    line = bytearray()  # a -> b, drained at `rate`
+    now = 0.0
+    a.connection_made(now)
+    b.connection_made(now)
+    for _ in range(4):
+        b.receive_data(a.data_to_send(now=now), now)
+        a.receive_data(b.data_to_send(now=now), now)
+    assert a.is_up and b.is_up
+    bulk = a.open_stream("bulk", now)
+    keys = a.open_stream("keys", now)
+    b.receive_data(a.data_to_send(now=now), now)
+    for event in b.take_events():
+        if isinstance(event, ev.StreamRequested):
+            b.accept(event.stream_id)
+    a.receive_data(b.data_to_send(now=now), now)
+    a.send(bulk, b"B" * 200_000)
+    received = {bulk | 0x80000000: 0, keys | 0x80000000: 0}
+    key_sent_at: float | None = None
+    delays: list[float] = []
+    hidden_max = 0
+    budget = 0.0
+    while now < 12.0:
+        now += step
+        if len(line) < 16_384:  # like a pty: the kernel takes 16 KiB before it pushes back
+            line += a.data_to_send(512, 512, now)
+        hidden_max = max(hidden_max, len(line))
+        budget += rate * step
+        take = int(budget)
+        budget -= take
+        chunk, line[:take] = bytes(line[:take]), b""
+        if chunk:
+            b.receive_data(chunk, now)
+        for event in b.take_events():
+            if isinstance(event, ev.DataReceived):
+                received[event.stream_id] += len(event.data)
+                b.consumed(event.stream_id, len(event.data))
+                if event.stream_id == keys | 0x80000000 and key_sent_at is not None:
+                    delays.append(now - key_sent_at)
+                    key_sent_at = None
+        a.receive_data(b.data_to_send(now=now), now)
+        a.take_events()
+        a.tick(now)
+        b.tick(now)
+        if key_sent_at is None and now > 2.0 and round(now / step) % 40 == 0:
+            key_sent_at = now
+            a.send(keys, b"k")
+    assert len(delays) > 20
+    assert max(delays) < 0.25, max(delays)
+    assert a.flight_cap is not None and a.flight_cap <= 2 * FLIGHT_MIN
+    assert hidden_max < 4 * FLIGHT_MIN, hidden_max
+    goodput = received[bulk | 0x80000000] / now
+    assert goodput > 0.85 * rate, goodput
+
+
+def test_a_pong_without_a_count_lifts_the_flight_cap() -> None:
+    """A peer that answers PINGs with the 8-byte form must not leave data capped forever."""
+    from virtproxy.frames import FrameType
+
+    session, peer = raw_session()
+    assert session.flight_cap is not None
+    session.receive_data(peer.frame(FrameType.PONG, 0, b"\0" * 8), 1.0)
+    assert session.flight_cap is None

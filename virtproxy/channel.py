@@ -174,7 +174,7 @@ class Channel:
             return
         if not protocol.paused and session.has_data_to_send():
             chunk = protocol.pacer.chunk
-            data = session.data_to_send(chunk, chunk)
+            data = session.data_to_send(chunk, chunk, self.reactor.seconds())
             if data:  # an empty write would never drain, so never resume us
                 protocol.wrote(data)
             if session._events:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import zlib
 from binascii import crc_hqx
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 SYNC = b"\xa5\x5c"
@@ -108,6 +108,8 @@ class Damage:
     stream: int
     seq: int
     type: int
+    #: The payload length the header claimed (the bytes crossed the line).
+    length: int = field(default=0, compare=False)
 
 
 def encode_header(ftype: int, stream: int, length: int, seq: int, flags: int = 0) -> bytes:
@@ -241,7 +243,7 @@ class FrameDecoder:
                     checked = crc32(view[pos:end])
                 if checked != crc:
                     self.damaged += 1
-                    results.append(Damage(stream, seq, ftype))
+                    results.append(Damage(stream, seq, ftype, length))
                     pos = self._skip(buf, pos, pos + 1, size)
                     continue
                 self._in_sync = True

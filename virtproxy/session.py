@@ -42,6 +42,22 @@ from virtproxy.frames import (
 _HELLO = struct.Struct(">QQIIII")
 _WINDOW = struct.Struct(">I")
 MAX_WINDOW = 0x7FFFFFFF
+#: Bytes in flight are kept near the peer's best delivery rate times this, so
+#: queues hidden below us (kernel, pty, relays, a UART) stay short.
+FLIGHT_TARGET = 0.030
+#: ... but never below this many bytes.
+FLIGHT_MIN = 2048
+#: Before the first rate sample: small, since a slow line fills its hidden
+#: buffers at once; a fast link outgrows it in a few round trips.
+FLIGHT_INITIAL = 2 * FLIGHT_MIN
+#: Re-probe if a probe PING went unanswered this long.
+PROBE_TIMEOUT = 1.0
+#: A stream with at most this many bytes queued (keystrokes, requests) may send
+#: past an exhausted flight cap: it must not wait a probe round trip.
+INTERACTIVE_BYTES = 512
+#: Delivery-rate samples older than this are forgotten (max filter window).
+RATE_WINDOW = 1.0
+_COUNTER = struct.Struct(">Q")
 #: HELLO flag: the sender's session is not up yet, so answer even if you agree.
 HELLO_ANSWER = 0x01
 MAX_SERVICE_NAME = 64
@@ -187,6 +203,15 @@ class Session:
         self._last_ping = 0.0
         self._next_hello = 0.0
         self._ping_counter = 0
+        # In-flight bound (docs/protocol.rst, "Bytes in flight").
+        self._data_sent = 0  # DATA payload bytes sent since our last HELLO
+        self._data_received = 0  # DATA payload bytes received since the peer's last HELLO
+        self._peer_received = 0  # the peer's _data_received, from its latest PONG
+        self._probe_at: float | None = None
+        self._probe_bytes = 0
+        self._last_pong: tuple[float, int] | None = None
+        self._rates: deque[tuple[float, float]] = deque()
+        self.flight_cap: int | None = FLIGHT_INITIAL
         self._open_tokens = 2.0 * self.config.max_open_rate
         self._open_tokens_at = 0.0
 
@@ -318,6 +343,8 @@ class Session:
     def next_deadline(self) -> float | None:
         """The earliest time at which :meth:`tick` has something to do."""
         times: list[float] = []
+        if self._probe_at is not None and self.state is State.UP:
+            times.append(self._probe_at + PROBE_TIMEOUT)
         stall = self._decoder.stall_deadline()
         if stall is not None and self.state is not State.DISCONNECTED:
             times.append(stall)
@@ -395,6 +422,8 @@ class Session:
         if self.state is not State.UP or damage.seq != self._rx_seq:
             return  # a lost frame shows up as a sequence gap on the next good one
         self._rx_seq = (self._rx_seq + 1) & 0xFF
+        if damage.type == FrameType.DATA:
+            self._data_received += damage.length
         if damage.type in (
             FrameType.HELLO,
             FrameType.PING,
@@ -418,6 +447,7 @@ class Session:
         ftype = frame.type
         if ftype == FrameType.HELLO:
             self._rx_seq = 0
+            self._data_received = 0
             self._on_hello(frame, now)
             return
         if self.state is not State.UP:
@@ -498,10 +528,29 @@ class Session:
             if ftype == FrameType.PONG:
                 del self._control[index]
                 break
-        self._control.appendleft((FrameType.PONG, 0, frame.payload[:8]))
+        pong = frame.payload[:8].ljust(8, b"\0") + _COUNTER.pack(self._data_received)
+        self._control.appendleft((FrameType.PONG, 0, pong))
 
     def _on_pong(self, frame: Frame, now: float) -> None:
-        pass  # any frame already proved liveness
+        """Liveness came with any frame; a PONG also tells how much DATA arrived."""
+        self._probe_at = None
+        if len(frame.payload) < 16:
+            self.flight_cap = None  # a peer that does not count: no end-to-end bound
+            return
+        (received,) = _COUNTER.unpack_from(frame.payload, 8)
+        if not self._peer_received <= received <= self._data_sent:
+            return  # from before our last HELLO, or nonsense
+        self._peer_received = received
+        if self._last_pong is not None:
+            then, before = self._last_pong
+            if received > before:
+                rate = (received - before) / max(now - then, 0.001)
+                self._rates.append((now, rate))
+                while self._rates and self._rates[0][0] < now - RATE_WINDOW:
+                    self._rates.popleft()
+                best = max(sample for _, sample in self._rates)
+                self.flight_cap = max(FLIGHT_MIN, int(1.25 * best * FLIGHT_TARGET))
+        self._last_pong = (now, received)
 
     def _on_goaway(self, frame: Frame, now: float) -> None:
         reason, message = _parse_reason(frame.payload)
@@ -554,6 +603,8 @@ class Session:
         self._events.append(ev.StreamRequested(key, stream.service))
 
     def _on_unknown_stream(self, frame: Frame, key: int) -> None:
+        if frame.type == FrameType.DATA:
+            self._data_received += len(frame.payload)  # it still crossed the line
         if key in self._recent_resets:
             return  # was in flight when we reset it
         number = key & MAX_STREAM_NUMBER
@@ -582,6 +633,7 @@ class Session:
 
     def _on_data(self, frame: Frame, stream: Stream) -> None:
         size = len(frame.payload)
+        self._data_received += size
         if stream.state is not StreamState.OPEN or stream.eof_received or not size:
             self._stream_protocol_error(stream, "DATA in the wrong state")
             return
@@ -625,11 +677,14 @@ class Session:
         """True if :meth:`data_to_send` may return bytes (it can still return none)."""
         return bool(self._hello_queued or self._control or (self.state is State.UP and self._ready))
 
-    def data_to_send(self, limit: int = 256 * 1024, frame_limit: int = MAX_PAYLOAD) -> bytes:
+    def data_to_send(
+        self, limit: int = 256 * 1024, frame_limit: int = MAX_PAYLOAD, now: float | None = None
+    ) -> bytes:
         """Frames for the channel, control first, then DATA round-robin; about ``limit`` bytes.
 
         DATA payloads are at most ``frame_limit`` (and the peer's max_frame), so
-        a slow channel can keep each frame short.
+        a slow channel can keep each frame short.  Given ``now``, DATA in flight
+        is also kept under :attr:`flight_cap`, learnt from probe PINGs.
         """
         out: list[bytes] = []
         size = 0
@@ -655,6 +710,7 @@ class Session:
             size += encode_into(out, FrameType.HELLO, 0, payload, 0, flags)
             frames += 1
             seq = 0
+            self._reset_flight()
         while control and size < limit:
             ftype, stream_id, payload = control.popleft()
             size += encode_into(out, ftype, stream_id, payload, seq)
@@ -664,7 +720,13 @@ class Session:
             ready = self._ready
             max_frame = max(1, min(self.peer_max_frame, frame_limit))
             data_flags = self._data_flags
+            budget = -1  # unbounded
+            if now is not None and self.flight_cap is not None:
+                budget = max(0, self.flight_cap - (self._data_sent - self._peer_received))
+            sent_before = self._data_sent
             while ready and size < limit:
+                if not budget and not self._has_interactive(ready):
+                    break
                 stream = ready.popleft()
                 stream.ready = False
                 if (
@@ -673,8 +735,18 @@ class Session:
                 ):
                     continue
                 wire_id = stream.key ^ OPENER_BIT
+                if not budget and stream.queued > INTERACTIVE_BYTES:
+                    ready.append(stream)  # bulk waits for the cap; keystrokes go on
+                    stream.ready = True
+                    break
                 if stream.queued and stream.send_credit > 0:
-                    chunk = self._take(stream, min(stream.send_credit, max_frame))
+                    most = min(stream.send_credit, max_frame)
+                    if budget > 0:
+                        most = min(most, budget)  # a frame never overshoots the flight cap
+                    chunk = self._take(stream, most)
+                    self._data_sent += len(chunk)
+                    if budget > 0:
+                        budget = max(0, budget - len(chunk))
                     size += encode_into(out, FrameType.DATA, wire_id, chunk, seq, data_flags)
                     seq = (seq + 1) & 0xFF
                     frames += 1
@@ -688,10 +760,42 @@ class Session:
                 if stream.queued and stream.send_credit > 0:
                     stream.ready = True
                     ready.append(stream)
+            probe = now is not None and self._data_sent > self._peer_received
+            if probe and (self._data_sent > sent_before or budget == 0) and self._probe_due(now):
+                # A probe right behind the data: its PONG says how much arrived.
+                self._probe_at = now
+                self._probe_bytes = self._data_sent
+                self._ping_counter += 1
+                token = self._ping_counter.to_bytes(8, "big")
+                size += encode_into(out, FrameType.PING, 0, token, seq)
+                seq = (seq + 1) & 0xFF
+                frames += 1
         self._tx_seq = seq
         self.stats.frames_out += frames
         self.stats.bytes_out += size
         return b"".join(out)
+
+    def _probe_due(self, now: float | None) -> bool:
+        """Probe when none is out, or every half cap of data, so answers keep coming."""
+        if now is None:
+            return False
+        if self._probe_at is None or now - self._probe_at >= PROBE_TIMEOUT:
+            return True
+        cap = self.flight_cap
+        return cap is not None and self._data_sent - self._probe_bytes >= cap // 2
+
+    @staticmethod
+    def _has_interactive(ready: deque[Stream]) -> bool:
+        return any(0 < stream.queued <= INTERACTIVE_BYTES for stream in ready)
+
+    def _reset_flight(self) -> None:
+        """Our HELLO restarts the DATA counters on both sides."""
+        self._data_sent = 0
+        self._peer_received = 0
+        self._probe_at = None
+        self._last_pong = None
+        self._rates.clear()
+        self.flight_cap = FLIGHT_INITIAL
 
     def _take(self, stream: Stream, limit: int) -> bytes:
         """Remove up to ``limit`` queued bytes, coalescing small writes into one frame."""
