@@ -760,7 +760,10 @@ class Session:
                 if stream.queued and stream.send_credit > 0:
                     stream.ready = True
                     ready.append(stream)
-            probe = now is not None and self._data_sent > self._peer_received
+            # Probe only once half the cap is out: idle keystrokes need no probes.
+            cap = self.flight_cap
+            in_flight = self._data_sent - self._peer_received
+            probe = cap is not None and in_flight * 2 >= cap
             if probe and (self._data_sent > sent_before or budget == 0) and self._probe_due(now):
                 # A probe right behind the data: its PONG says how much arrived.
                 self._probe_at = now
