@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from virtproxy import events as ev
-from virtproxy.frames import Reason, reason_name
+from virtproxy.frames import Reason, describe_reason
 from virtproxy.session import Session, SessionConfig
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ class Channel:
             data = session.data_to_send(chunk, chunk, self.reactor.seconds())
             if data:  # an empty write would never drain, so never resume us
                 protocol.wrote(data)
-            if session._events:
+            if session.has_events:
                 self._again = True
         protocol.set_reading(not session.input_paused)
 
@@ -256,8 +256,7 @@ class Channel:
         local = self._locals.pop(stream_id, None)
         if local is not None:
             who = "peer" if by_peer else "local"
-            detail = f"{reason_name(reason)}{': ' + message if message else ''}"
-            local.stream_reset(f"reset ({who}): {detail}")
+            local.stream_reset(f"reset ({who}): {describe_reason(reason, message)}")
 
     def _on_stream_requested(self, stream_id: int, service: str) -> None:
         endpoint = self.iforwards.get(service)

@@ -25,16 +25,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from virtproxy.channel import Channel
-from virtproxy.frames import reason_name
-from virtproxy.protocol import VPChannelProtocol
-
-
-def _describe(address: object) -> str:
-    host = getattr(address, "host", None)
-    if host is not None:
-        return f"{host}:{getattr(address, 'port', '')}"
-    name = getattr(address, "name", None)
-    return str(name) if name else "unix"
+from virtproxy.frames import describe_reason
+from virtproxy.protocol import VPChannelProtocol, describe_address
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -118,8 +110,7 @@ class ProxyProtocol(Protocol):
     def describe_peer(self) -> str:
         if self.transport is None:
             return "?"
-        address: IAddress = self.transport.getPeer()
-        return _describe(address)
+        return describe_address(self.transport.getPeer(), unnamed="unix")
 
     # IPushProducer: our local transport's write buffer is full (or drained).
     def pauseProducing(self) -> None:
@@ -195,7 +186,7 @@ class ProxyProtocol(Protocol):
     def stream_rejected(self, reason: int, message: str) -> None:
         self._live = False
         self.failed = True
-        self.end_reason = f"open failed: {reason_name(reason)}{': ' + message if message else ''}"
+        self.end_reason = f"open failed: {describe_reason(reason, message)}"
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 

@@ -87,6 +87,11 @@ def reason_name(code: int) -> str:
         return f"reason {code}"
 
 
+def describe_reason(code: int, message: str = "") -> str:
+    """``reason name: message``, as logs show an OPEN_FAIL, RESET or GOAWAY."""
+    return f"{reason_name(code)}: {message}" if message else reason_name(code)
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """One decoded frame with intact checksums."""

@@ -40,6 +40,17 @@ NOTSENT_LOWAT_MIN = 512
 NOTSENT_LOWAT_MAX = 256 * 1024
 
 
+def describe_address(address: object, unnamed: str) -> str:
+    """``host:port`` for IP addresses, the path for named sockets, else ``unnamed``."""
+    host = getattr(address, "host", None)
+    if host is not None:
+        return f"{host}:{getattr(address, 'port', '')}"
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    return str(name) if name else unnamed
+
+
 @implementer(IPullProducer)
 class VPChannelProtocol(Protocol):
     """Carries one connection of a :class:`~virtproxy.channel.Channel`."""
@@ -59,11 +70,7 @@ class VPChannelProtocol(Protocol):
         if self.transport is None:
             return "?"
         peer = self.transport.getPeer()
-        host = getattr(peer, "host", None)
-        if host is not None:
-            return f"{host}:{getattr(peer, 'port', '')}"
-        name = getattr(peer, "name", None)
-        return str(name) if name else type(peer).__name__
+        return describe_address(peer, unnamed=type(peer).__name__)
 
     def connectionMade(self) -> None:
         transport = self.transport

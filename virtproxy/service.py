@@ -27,6 +27,7 @@ from virtproxy.factories import (
     ProxyServerFactory,
 )
 from virtproxy.frames import MAX_PAYLOAD
+from virtproxy.protocol import describe_address
 from virtproxy.session import SessionConfig
 
 #: Kernel-checksummed, connection-per-session channels: no line noise to guard against.
@@ -93,11 +94,7 @@ class ChannelService(MultiService):
 
 def _where(port: Any) -> str:
     address = port.getHost()
-    host = getattr(address, "host", None)
-    if host is not None:
-        return f"{host}:{address.port}"
-    name = getattr(address, "name", address)
-    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+    return describe_address(address, unnamed=str(address))
 
 
 def session_config(config: DaemonConfig) -> SessionConfig:

@@ -30,13 +30,14 @@ from virtproxy.frames import (
     MAX_STREAM_NUMBER,
     MIN_MAX_FRAME,
     OPENER_BIT,
+    SESSION_FRAME_TYPES,
     Damage,
     Frame,
     FrameDecoder,
     FrameType,
     Reason,
+    describe_reason,
     encode_into,
-    reason_name,
 )
 
 _HELLO = struct.Struct(">QQIIII")
@@ -222,6 +223,10 @@ class Session:
         return events
 
     @property
+    def has_events(self) -> bool:
+        return bool(self._events)
+
+    @property
     def is_up(self) -> bool:
         return self.state is State.UP
 
@@ -395,8 +400,7 @@ class Session:
                 )
             elif now - max(self._last_received, self._last_ping) >= self.config.keepalive_interval:
                 self._last_ping = now
-                self._ping_counter += 1
-                self._control.append((FrameType.PING, 0, self._ping_counter.to_bytes(8, "big")))
+                self._control.append((FrameType.PING, 0, self._ping_token()))
 
     # ------------------------------------------------------------------ input
 
@@ -424,12 +428,7 @@ class Session:
         self._rx_seq = (self._rx_seq + 1) & 0xFF
         if damage.type == FrameType.DATA:
             self._data_received += damage.length
-        if damage.type in (
-            FrameType.HELLO,
-            FrameType.PING,
-            FrameType.PONG,
-            FrameType.GOAWAY,
-        ):
+        if damage.type in SESSION_FRAME_TYPES:
             return
         if damage.type == FrameType.DATA or damage.type == FrameType.EOF:
             key = damage.stream
@@ -466,7 +465,7 @@ class Session:
         if handler is None:
             self.stats.protocol_errors += 1
             return
-        if ftype in (FrameType.PING, FrameType.PONG, FrameType.GOAWAY):
+        if ftype in SESSION_FRAME_TYPES:  # HELLO was handled above
             if frame.stream:
                 self.stats.protocol_errors += 1
                 return
@@ -554,7 +553,7 @@ class Session:
 
     def _on_goaway(self, frame: Frame, now: float) -> None:
         reason, message = _parse_reason(frame.payload)
-        text = f"the peer went away ({reason_name(reason)}{': ' + message if message else ''})"
+        text = f"the peer went away ({describe_reason(reason, message)})"
         self._restart(now, text, Reason.SESSION_LOST)
 
     def _take_open_token(self, now: float) -> bool:
@@ -768,15 +767,18 @@ class Session:
                 # A probe right behind the data: its PONG says how much arrived.
                 self._probe_at = now
                 self._probe_bytes = self._data_sent
-                self._ping_counter += 1
-                token = self._ping_counter.to_bytes(8, "big")
-                size += encode_into(out, FrameType.PING, 0, token, seq)
+                size += encode_into(out, FrameType.PING, 0, self._ping_token(), seq)
                 seq = (seq + 1) & 0xFF
                 frames += 1
         self._tx_seq = seq
         self.stats.frames_out += frames
         self.stats.bytes_out += size
         return b"".join(out)
+
+    def _ping_token(self) -> bytes:
+        """A fresh 8-byte PING payload (keepalive or probe)."""
+        self._ping_counter += 1
+        return self._ping_counter.to_bytes(8, "big")
 
     def _probe_due(self, now: float | None) -> bool:
         """Probe when none is out, or every half cap of data, so answers keep coming."""
