@@ -1685,3 +1685,32 @@ def test_a_pong_without_a_count_lifts_the_flight_cap() -> None:
     assert session.flight_cap is not None
     session.receive_data(peer.frame(FrameType.PONG, 0, b"\0" * 8), 1.0)
     assert session.flight_cap is None
+
+
+def test_a_keystroke_behind_a_bulk_stream_passes_an_exhausted_flight_cap() -> None:
+    """With the cap used up, bulk streams wait for the next PONG, but a stream with
+    a few bytes queued goes out in the same write even when it is behind them."""
+    from virtproxy import events as ev
+    from virtproxy.frames import FrameDecoder, FrameType
+    from virtproxy.session import Session, SessionConfig
+
+    a, b = Session(SessionConfig()), Session(SessionConfig())
+    a.connection_made(0.0)
+    b.connection_made(0.0)
+    for _ in range(4):
+        b.receive_data(a.data_to_send(now=0.0), 0.0)
+        a.receive_data(b.data_to_send(now=0.0), 0.0)
+    bulk = a.open_stream("bulk", 0.0)
+    keys = a.open_stream("keys", 0.0)
+    b.receive_data(a.data_to_send(now=0.0), 0.0)
+    for event in b.take_events():
+        if isinstance(event, ev.StreamRequested):
+            b.accept(event.stream_id)
+    a.receive_data(b.data_to_send(now=0.0), 0.0)
+    a.send(bulk, b"B" * 100_000)
+    a.data_to_send(now=0.1)  # no PONG comes back: the cap is now used up
+    assert not FrameDecoder().feed(a.data_to_send(now=0.2)), "bulk sent past the cap"
+    a.send(keys, b"k")  # queued behind the bulk stream
+    frames = FrameDecoder().feed(a.data_to_send(now=0.3))
+    sent = [(f.stream & 0x7FFFFFFF, f.payload) for f in frames if f.type == FrameType.DATA]
+    assert sent == [(keys, b"k")]

@@ -723,9 +723,8 @@ class Session:
             if now is not None and self.flight_cap is not None:
                 budget = max(0, self.flight_cap - (self._data_sent - self._peer_received))
             sent_before = self._data_sent
+            parked: list[Stream] = []  # bulk streams waiting for the cap to reopen
             while ready and size < limit:
-                if not budget and not self._has_interactive(ready):
-                    break
                 stream = ready.popleft()
                 stream.ready = False
                 if (
@@ -735,9 +734,8 @@ class Session:
                     continue
                 wire_id = stream.key ^ OPENER_BIT
                 if not budget and stream.queued > INTERACTIVE_BYTES:
-                    ready.append(stream)  # bulk waits for the cap; keystrokes go on
-                    stream.ready = True
-                    break
+                    parked.append(stream)  # bulk waits for the cap; keystrokes go on
+                    continue
                 if stream.queued and stream.send_credit > 0:
                     most = min(stream.send_credit, max_frame)
                     if budget > 0:
@@ -759,6 +757,9 @@ class Session:
                 if stream.queued and stream.send_credit > 0:
                     stream.ready = True
                     ready.append(stream)
+            for stream in reversed(parked):  # first in line once the cap reopens
+                stream.ready = True
+                ready.appendleft(stream)
             # Probe only once half the cap is out: idle keystrokes need no probes.
             cap = self.flight_cap
             in_flight = self._data_sent - self._peer_received
@@ -788,10 +789,6 @@ class Session:
             return True
         cap = self.flight_cap
         return cap is not None and self._data_sent - self._probe_bytes >= cap // 2
-
-    @staticmethod
-    def _has_interactive(ready: deque[Stream]) -> bool:
-        return any(0 < stream.queued <= INTERACTIVE_BYTES for stream in ready)
 
     def _reset_flight(self) -> None:
         """Our HELLO restarts the DATA counters on both sides."""
