@@ -253,10 +253,11 @@ class Session:
         """Tell the peer we are leaving, and end every stream (shutdown)."""
         if self.state is not State.DISCONNECTED:
             self._queue_reason(FrameType.GOAWAY, 0, reason, message)
-        self._end_session(message or "this side is shutting down", reason)
+        leaving = "this side is shutting down"
+        self._end_session(message or leaving, reason)
         for stream in list(self.streams.values()):
             self._drop(stream)
-            self._events.append(ev.StreamRejected(stream.key, reason, "this side is shutting down"))
+            self._events.append(ev.StreamRejected(stream.key, reason, leaving))
         self.state = State.DISCONNECTED
 
     def open_stream(self, service: str, now: float) -> int:
@@ -285,11 +286,8 @@ class Session:
         stream = self.streams.get(stream_id)
         if stream is None or stream.state is not StreamState.ACCEPTING:
             return
-        stream.state = StreamState.OPEN
-        stream.send_credit = self.peer_window
-        stream.recv_credit = self.config.window
         self._control.append((FrameType.OPEN_OK, stream_id ^ OPENER_BIT, b""))
-        self._mark_ready(stream)
+        self._now_open(stream)
 
     def reject(self, stream_id: int, reason: int, message: str = "") -> None:
         """Our local connect for the peer's OPEN failed (or no such service)."""
@@ -616,11 +614,8 @@ class Session:
         if stream.state is not StreamState.OPENING:
             self._stream_protocol_error(stream, "unexpected OPEN_OK")
             return
-        stream.state = StreamState.OPEN
-        stream.send_credit = self.peer_window
-        stream.recv_credit = self.config.window
         self._events.append(ev.StreamAccepted(stream.key))
-        self._mark_ready(stream)
+        self._now_open(stream)
 
     def _on_open_fail(self, frame: Frame, stream: Stream) -> None:
         if stream.state is not StreamState.OPENING:
@@ -908,6 +903,13 @@ class Session:
                     stream.service.encode("ascii"),
                 )
             )
+
+    def _now_open(self, stream: Stream) -> None:
+        """OPEN_OK sent or received: both windows start, queued data may flow."""
+        stream.state = StreamState.OPEN
+        stream.send_credit = self.peer_window
+        stream.recv_credit = self.config.window
+        self._mark_ready(stream)
 
     def _queue_reason(self, ftype: int, wire_id: int, reason: int, message: str) -> None:
         self._control.append((ftype, wire_id, _reason_payload(reason, message)))
