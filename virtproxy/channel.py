@@ -174,9 +174,7 @@ class Channel:
             return
         if not protocol.paused and session.has_data_to_send():
             chunk = protocol.pacer.chunk
-            data = session.data_to_send(chunk, chunk, self.reactor.seconds())
-            if data:  # an empty write would never drain, so never resume us
-                protocol.wrote(data)
+            protocol.wrote(session.data_to_send(chunk, chunk, self.reactor.seconds()))
             if session.has_events:
                 self._again = True
         protocol.set_reading(not session.input_paused)
