@@ -41,6 +41,8 @@ setup(
             "mypy-zope==1.0.17",
             "ruff==0.17.6",
         ],
+        # Coverage-guided fuzzing (fuzz/README.rst); binary wheels only.
+        "fuzz": ["atheris>=2.3"],
     },
     entry_points={"console_scripts": ["virtproxy = virtproxy.cli:main"]},
     classifiers=[

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Coverage-guided fuzz target for the frame decoder (virtproxy.frames.FrameDecoder).
+
+    python fuzz/fuzz_frames.py [libFuzzer options] [CORPUS_DIR ...]
+
+The decoder reads what a possibly hostile guest wrote, so for any bytes in
+any chunking it must:
+
+* never raise (the module promises that input never raises);
+* never hold more than one incomplete frame: ``buffered`` stays below
+  ``max_payload + FRAME_OVERHEAD``;
+* account for every byte: fed == discarded + accepted frames' sizes + buffered;
+* yield only frames that re-encode to the same bytes and decode back to
+  themselves, with payloads within ``max_payload`` (and damage reports whose
+  claimed length is within it too).
+
+The first input bytes choose ``max_payload``, ``header_crc_ok`` and, between
+chunks, how far time moves (so ``expire`` runs on truncated frames).
+``check(data)`` is plain Python: tests/test_fuzz_targets.py runs it without
+atheris.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+try:
+    import atheris
+except ImportError:  # check() still works; main() says what is missing
+    atheris = None
+
+if atheris is not None:
+    with atheris.instrument_imports():
+        from virtproxy.frames import (
+            FRAME_OVERHEAD,
+            MAX_PAYLOAD,
+            MIN_MAX_FRAME,
+            Damage,
+            Frame,
+            FrameDecoder,
+            encode_frame,
+        )
+else:
+    from virtproxy.frames import (
+        FRAME_OVERHEAD,
+        MAX_PAYLOAD,
+        MIN_MAX_FRAME,
+        Damage,
+        Frame,
+        FrameDecoder,
+        encode_frame,
+    )
+
+
+class Reader:
+    """Takes control values off the front of the input (no atheris needed)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            return 0
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def take(self, count: int) -> bytes:
+        chunk = self.data[self.pos : self.pos + count]
+        self.pos += len(chunk)
+        return chunk
+
+    @property
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+
+def make_chunk(reader: Reader, size: int) -> bytes:
+    """Raw bytes, or a frame with valid checksums (maybe then damaged).
+
+    Blind mutation almost never gets a CRC-16 and a CRC-32 right, so half the
+    chunks are built as real frames from the input: that is what reaches the
+    accept, damage and header-only paths.
+    """
+    mode = reader.byte()
+    if not mode & 1:
+        return reader.take(size)
+    ftype = reader.byte() % 0x18
+    flags = reader.byte() & 0x03 if mode & 2 else 0
+    header = reader.take(5).ljust(5, b"\0")
+    payload = reader.take(size)
+    frame = bytearray(
+        encode_frame(ftype, int.from_bytes(header[1:], "big"), payload, header[0], flags)
+    )
+    if mode & 4:  # damage one byte: header, payload or CRC
+        where = reader.byte() % len(frame)
+        frame[where] ^= reader.byte() or 1
+    if mode & 8:  # truncate: the rest never comes
+        del frame[reader.byte() % len(frame) :]
+    return bytes(frame)
+
+
+def roundtrip(frame: Frame, max_payload: int, header_crc_ok: bool) -> None:
+    encoded = encode_frame(frame.type, frame.stream, frame.payload, frame.seq, frame.flags)
+    again = FrameDecoder(max_payload, header_crc_ok).feed(encoded)
+    assert again == [frame], (frame, again)
+
+
+def check(data: bytes) -> None:
+    """One fuzz input: the control bytes, then the stream split into chunks."""
+    reader = Reader(data)
+    first = reader.byte()
+    # Small limits reach the "length too big" paths; 0xFF picks the wire maximum.
+    max_payload = MAX_PAYLOAD if first == 0xFF else MIN_MAX_FRAME + first * 4
+    header_crc_ok = bool(reader.byte() & 1)
+    decoder = FrameDecoder(max_payload, header_crc_ok)
+    bound = max_payload + FRAME_OVERHEAD
+    fed = accepted = frames = 0
+    now = 0.0
+    while reader.left:
+        control = reader.byte()
+        chunk = make_chunk(reader, control & 0x3F or 64)
+        now += (control >> 6) * 0.75  # 0, 0.75, 1.5 or 2.25 s: past a stall deadline
+        items = decoder.feed(chunk, now)
+        fed += len(chunk)
+        if control >> 6 == 3:
+            items += decoder.expire(now + 30.0)
+        for item in items:
+            if isinstance(item, Frame):
+                frames += 1
+                assert len(item.payload) <= max_payload
+                accepted += FRAME_OVERHEAD + len(item.payload)
+                roundtrip(item, max_payload, header_crc_ok)
+            else:
+                assert isinstance(item, Damage), item
+                assert item.length <= max_payload
+        assert decoder.buffered < bound, (decoder.buffered, bound)
+        assert fed == decoder.discarded + accepted + decoder.buffered, (
+            fed,
+            decoder.discarded,
+            accepted,
+            decoder.buffered,
+        )
+        assert decoder.frames == frames
+
+
+def main() -> None:
+    if atheris is None:
+        sys.exit("atheris is not installed: pip install atheris (see fuzz/README.rst)")
+    atheris.Setup(sys.argv, check)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
