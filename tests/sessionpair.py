@@ -101,6 +101,9 @@ class SessionPair:
         #: Every HELLO each side produced, with whether its session was up when it did.
         self.hellos: list[list[tuple[Frame, bool]]] = [[], []]
         self.now = now
+        #: Pass ``now`` to ``data_to_send`` so the in-flight cap and its probe
+        #: PINGs run (docs/protocol.rst, "Bytes in flight").
+        self.pass_now = False
         if connect:
             self.connect(now)
 
@@ -146,7 +149,7 @@ class SessionPair:
     def flush(self, side: int, limit: int = 256 * 1024) -> int:
         """Move what ``side`` has to send onto the wire; return the bytes produced."""
         was_up = self.sessions[side].is_up
-        data = self.sessions[side].data_to_send(limit)
+        data = self.sessions[side].data_to_send(limit, now=self.now if self.pass_now else None)
         self.collect()
         if not data:
             return 0
