@@ -10,7 +10,8 @@ Each frame is built three ways that must agree byte for byte:
 * ``virtproxy.frames.encode_frame``.
 
 and decodes back to the same fields.  Sequence numbers are 0..10 in table order
-(HELLO must carry 0), so the seq and flags bytes are told apart; the last row is
+(HELLO and the link frames must carry 0), so the seq and flags bytes are told
+apart; the last row is
 the HELLO with the ANSWER flag (0x01) that a side sends while its session is not up.
 
 ``PYTHONPATH=. python tests/test_golden_frames.py`` prints the table.
@@ -41,6 +42,7 @@ def spec_frame(ftype: int, stream: int, payload: bytes, seq: int, flags: int = 0
 
 HELLO_PAYLOAD = struct.pack(">QQIIII", SESSION_ID, 0, 16384, 262144, 1024, 0)
 PING_PAYLOAD = (1).to_bytes(8, "big")
+LINK_EPOCH = (0x11223344).to_bytes(4, "big")
 
 # name, type code, stream, payload, seq, flags, pinned hex
 GOLDEN: list[tuple[str, int, int, bytes, int, int, str]] = [
@@ -93,6 +95,27 @@ GOLDEN: list[tuple[str, int, int, bytes, int, int, str]] = [
         10,
         0,
         "a55c0116000a800000010001ca34083a05f475",
+    ),
+    # Link reliability (docs/protocol.rst, "Link reliability"): seq is always 0.
+    # Chunk 5 of epoch 0x11223344 carrying "hi"; an ACK of everything before
+    # chunk 6, holding 7 and 9, with the NAK flag (chunk 6 arrived damaged).
+    (
+        "LINK_DATA",
+        0x20,
+        5,
+        LINK_EPOCH + b"hi",
+        0,
+        0,
+        "a55c01200000000000050006eff7112233446869ac8819e3",
+    ),
+    (
+        "LINK_ACK+NAK",
+        0x21,
+        6,
+        LINK_EPOCH + (5).to_bytes(8, "big"),
+        0,
+        0x01,
+        "a55c0121010000000006000cbb1d112233440000000000000005cb883474",
     ),
     # The same HELLO with the ANSWER flag (0x01): what a side sends while its session is not up.
     (
@@ -224,6 +247,19 @@ def test_session_emits_frames_in_the_spec_layout() -> None:
     session.tick(0.5 + session.config.keepalive_interval)
     data = session.data_to_send()
     assert data == spec_frame(0x02, 0, PING_PAYLOAD, 4), hexdump(data)
+
+
+def test_session_with_link_on_sends_its_hello_in_chunk_0() -> None:
+    """With --link on, the session's frames travel inside LINK_DATA chunks."""
+    session = Session(SessionConfig(link="on"))
+    session.connection_made(0.0)
+    session.session_id = SESSION_ID
+    assert session.link is not None
+    session.link.epoch = 0x11223344
+    session.link._epoch_bytes = LINK_EPOCH
+    data = session.data_to_send(now=0.0)
+    hello = bytes.fromhex(GOLDEN[-1][-1])
+    assert data == spec_frame(0x20, 0, LINK_EPOCH + hello, 0), hexdump(data)
 
 
 if __name__ == "__main__":

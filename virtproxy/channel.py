@@ -31,6 +31,24 @@ if TYPE_CHECKING:
     from virtproxy.protocol import VPChannelProtocol
 
 
+#: Session counters that tell of a noisy or hostile channel (logged when they change).
+TROUBLE_COUNTERS = (
+    "damaged_frames",
+    "resyncs",
+    "discarded_bytes",
+    "lost_frames",
+    "protocol_errors",
+    "limit_hits",
+    "keepalive_timeouts",
+    "retransmits",
+    "timeouts",
+    "duplicates",
+    "peer_restarts",
+)
+#: Changed counters are logged at most this often (and when a session ends).
+COUNTER_LOG_INTERVAL = 60.0
+
+
 class Channel:
     """One channel to one peer, with its session and streams."""
 
@@ -58,6 +76,8 @@ class Channel:
         self._pumping = False
         self._again = False
         self._closing = False
+        self._counters_logged: dict[str, int] = {}
+        self._counters_logged_at = 0.0
 
     # -------------------------------------------------------------- channel side
 
@@ -164,6 +184,8 @@ class Channel:
                     self._dispatch(event)
                 self._flush()
             self._schedule_timer()
+            if self.reactor.seconds() - self._counters_logged_at >= COUNTER_LOG_INTERVAL:
+                self.log_counters()
         finally:
             self._pumping = False
 
@@ -192,6 +214,21 @@ class Channel:
             self._timer.cancel()
         delay = max(0.0, deadline - self.reactor.seconds())
         self._timer = self.reactor.callLater(delay + 0.001, self._on_timer)
+
+    def log_counters(self) -> None:
+        """Log the channel's trouble counters that changed since they were last logged."""
+        self._counters_logged_at = self.reactor.seconds()
+        stats = self.session.stats
+        now = {name: getattr(stats, name) for name in TROUBLE_COUNTERS}
+        changed = {k: v for k, v in now.items() if v != self._counters_logged.get(k, 0)}
+        if not changed:
+            return
+        self._counters_logged = now
+        self.log.info(
+            "{label}: counters: {counters}",
+            label=self.label,
+            counters=" ".join(f"{k}={v}" for k, v in changed.items()),
+        )
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -235,7 +272,10 @@ class Channel:
                 frame=event.peer_max_frame,
                 window=event.peer_window,
             )
+        elif isinstance(event, ev.LinkNotice):
+            self.log.info("{label}: {message}", label=self.label, message=event.message)
         elif isinstance(event, ev.SessionEnded):
+            self.log_counters()
             self.log.info(
                 "{label}: session ended with peer {peer:016x}: {reason}",
                 label=self.label,

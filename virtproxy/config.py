@@ -65,4 +65,6 @@ class DaemonConfig:
     max_streams: int = 1024
     #: Streams the peer may open per second (token bucket, bursts of twice that).
     max_open_rate: int = 1000
+    #: Link reliability mode (on, auto, off); None = per channel kind.
+    link: str | None = None
     extra: dict[str, object] = field(default_factory=dict)

@@ -29,6 +29,13 @@ class SessionEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkNotice:
+    """Something about the link-reliability layer that belongs in the log."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class StreamRequested:
     """The peer opened a stream for ``service``: call ``accept`` or ``reject``."""
 
@@ -100,4 +107,5 @@ Event = (
     | StreamReset
     | StreamClosed
     | StreamWritable
+    | LinkNotice
 )

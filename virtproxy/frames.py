@@ -58,9 +58,17 @@ class FrameType(IntEnum):
     WINDOW = 0x14
     EOF = 0x15
     RESET = 0x16
+    LINK_DATA = 0x20
+    LINK_ACK = 0x21
 
 
 DATA_TYPE = int(FrameType.DATA)
+LINK_DATA_TYPE = int(FrameType.LINK_DATA)
+#: Frames of the link-reliability layer (virtproxy/link.py), below the session.
+LINK_FRAME_TYPES = frozenset({FrameType.LINK_DATA, FrameType.LINK_ACK})
+#: A LINK_DATA payload may exceed max_payload by this much: it carries one
+#: whole session frame (overhead included) plus a 4-byte epoch.
+LINK_SLACK = 22
 
 SESSION_FRAME_TYPES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
 
@@ -162,6 +170,7 @@ class FrameDecoder:
     def __init__(self, max_payload: int = MAX_PAYLOAD, header_crc_ok: bool = False) -> None:
         self._buffer = bytearray()
         self.max_payload = max_payload
+        self._max_link_payload = min(MAX_PAYLOAD, max_payload + LINK_SLACK)
         #: Accept DATA frames whose CRC covers the header only (FLAG_HEADER_CRC).
         self.header_crc_ok = header_crc_ok
         #: Frames accepted.
@@ -220,6 +229,7 @@ class FrameDecoder:
         pos = 0
         crc32 = zlib.crc32
         max_payload = self.max_payload
+        max_link_payload = self._max_link_payload
         unpack_header = _HEADER.unpack_from
         with memoryview(buf) as view:
             while size - pos >= HEADER_SIZE:
@@ -231,7 +241,10 @@ class FrameDecoder:
                 if (
                     crc_hqx(view[pos : pos + 12], 0xFFFF) != hcheck
                     or version != VERSION
-                    or length > max_payload
+                    or (
+                        length > max_payload
+                        and (ftype != LINK_DATA_TYPE or length > max_link_payload)
+                    )
                 ):
                     pos = self._skip(buf, pos, pos + 1, size)
                     continue

@@ -25,6 +25,7 @@ from twisted.python import usage
 
 from virtproxy import __version__
 from virtproxy.config import ChannelSpec, DaemonConfig, ForwardSpec
+from virtproxy.session import LINK_MODES
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -429,6 +430,14 @@ class Options(usage.Options):
             "Streams the peer may open per second, sustained (bursts of twice that); "
             "each open costs a local connect, so a hostile peer must not churn them.",
         ],
+        [
+            "link",
+            None,
+            None,
+            "Link reliability: on (acknowledge and retransmit frames, for noisy lines), "
+            "auto (on once the peer turns it on) or off "
+            "[default: on for serial:, auto for the others].",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -518,6 +527,9 @@ class Options(usage.Options):
         window = _integer("--window", self["window"], max_frame or MIN_FRAME, MAX_WINDOW)
         max_streams = _integer("--max-streams", self["max-streams"], 1, MAX_STREAMS)
         max_open_rate = _integer("--max-open-rate", self["max-open-rate"], 1, 1_000_000)
+        link = self["link"]
+        if link is not None and link not in LINK_MODES:
+            raise usage.UsageError(f"--link {link!r}: expected one of {', '.join(LINK_MODES)}")
 
         oforwards = _unique(
             "--oforward",
@@ -544,6 +556,7 @@ class Options(usage.Options):
             window=window,
             max_streams=max_streams,
             max_open_rate=max_open_rate,
+            link=link,
         )
 
 

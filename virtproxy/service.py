@@ -108,7 +108,13 @@ def session_config(config: DaemonConfig) -> SessionConfig:
         keepalive_timeout=config.keepalive_timeout,
         open_timeout=config.connect_timeout,
         header_crc=config.channel.kind in SOCKET_KINDS,
+        link=config.link or default_link(config.channel.kind),
     )
+
+
+def default_link(kind: str) -> str:
+    """An emulated serial line corrupts and drops bytes; virtio and sockets do not."""
+    return "on" if kind == "serial" else "auto"
 
 
 def make_service(config: DaemonConfig, reactor: Any = None) -> MultiService:

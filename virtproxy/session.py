@@ -26,6 +26,7 @@ from virtproxy import events as ev
 from virtproxy.frames import (
     CAP_HEADER_CRC,
     FLAG_HEADER_CRC,
+    LINK_FRAME_TYPES,
     MAX_PAYLOAD,
     MAX_STREAM_NUMBER,
     MIN_MAX_FRAME,
@@ -39,6 +40,7 @@ from virtproxy.frames import (
     describe_reason,
     encode_into,
 )
+from virtproxy.link import LinkStats, ReliableLink, chunk_size
 
 _HELLO = struct.Struct(">QQIIII")
 _WINDOW = struct.Struct(">I")
@@ -97,6 +99,10 @@ class SessionConfig:
     #: Bytes queued on one stream (unsent) above which ``send`` asks the caller
     #: to stop reading its local socket.
     send_high_water: int = 256 * 1024
+    #: Link reliability (virtproxy/link.py): "on" carries everything in
+    #: acknowledged, retransmitted chunks; "auto" does so once the peer does;
+    #: "off" never (a peer that insists gets no session).
+    link: str = "auto"
 
     def __post_init__(self) -> None:
         if not MIN_MAX_FRAME <= self.max_frame <= MAX_PAYLOAD:
@@ -109,6 +115,13 @@ class SessionConfig:
             raise ValueError("max_open_rate must be positive")
         if not 0 < self.keepalive_interval < self.keepalive_timeout:
             raise ValueError("need 0 < keepalive_interval < keepalive_timeout")
+        if self.link not in LINK_MODES:
+            raise ValueError(f"link must be one of {', '.join(LINK_MODES)}")
+
+
+LINK_MODES = ("on", "auto", "off")
+#: An auto-mode side drops the link after this many plain HELLOs in a row.
+PLAIN_HELLOS_TO_DROP_LINK = 3
 
 
 class State(Enum):
@@ -147,8 +160,11 @@ class Stream:
 
 
 @dataclass
-class Stats:
-    """Counters kept for the life of the Session object (all connections)."""
+class Stats(LinkStats):
+    """Counters kept for the life of the Session object (all connections).
+
+    The link layer's counters (retransmits and so on) are inherited.
+    """
 
     sessions: int = 0
     frames_in: int = 0
@@ -187,6 +203,13 @@ class Session:
         self.streams: dict[int, Stream] = {}
         self._events: list[ev.Event] = []
         self._decoder = FrameDecoder(self.config.max_frame, self.config.header_crc)
+        #: Link reliability on this channel connection (None: plain frames).
+        self.link: ReliableLink | None = None
+        #: Decodes the session frames the link layer delivers.
+        self._inner = FrameDecoder(self.config.max_frame, self.config.header_crc)
+        self._link_refused = False
+        self._plain_hellos = 0
+        self._now = 0.0
         self._data_flags = 0  # FLAG_HEADER_CRC once both sides offered it
         self._control: deque[tuple[int, int, bytes]] = deque()
         self._hello_queued = False
@@ -240,6 +263,12 @@ class Session:
         if self.state is not State.DISCONNECTED:
             self.connection_lost(now, "replaced by a new channel connection")
         self._decoder.reset()
+        self._inner.reset()
+        self.link = None
+        if self.config.link == "on":
+            self.link = ReliableLink(self.stats)
+        self._link_refused = False
+        self._plain_hellos = 0
         self._start_handshake(now)
 
     def connection_lost(self, now: float, reason: str = "channel lost") -> None:
@@ -248,6 +277,7 @@ class Session:
         self.state = State.DISCONNECTED
         self._control.clear()
         self._hello_queued = False
+        self.link = None
 
     def go_away(self, now: float, reason: int = Reason.SHUTDOWN, message: str = "") -> None:
         """Tell the peer we are leaving, and end every stream (shutdown)."""
@@ -353,6 +383,10 @@ class Session:
             times.append(stall)
         if self._deadlines:
             times.append(self._deadlines[0][0])
+        if self.link is not None:
+            resend = self.link.deadline()
+            if resend is not None:
+                times.append(resend)
         if self.state is State.HANDSHAKING:
             times.append(self._next_hello)
         elif self.state is State.UP:
@@ -363,8 +397,11 @@ class Session:
     def tick(self, now: float) -> None:
         """Run timers due at ``now``: open timeouts, HELLO resends, keepalive,
         and a truncated frame's stall."""
+        self._now = now
         if self.state is not State.DISCONNECTED:
             self._handle_decoded(self._decoder.expire(now), now)
+        if self.link is not None:
+            self.link.tick(now)
         while self._deadlines and self._deadlines[0][0] <= now:
             _, key = heappop(self._deadlines)
             stream = self.streams.get(key)
@@ -405,20 +442,82 @@ class Session:
     def receive_data(self, data: bytes, now: float) -> None:
         """Bytes from the channel."""
         self.stats.bytes_in += len(data)
+        self._now = now
         self._handle_decoded(self._decoder.feed(data, now), now)
 
-    def _handle_decoded(self, items: list[Frame | Damage], now: float) -> None:
+    def _handle_decoded(self, items: list[Frame | Damage], now: float, inner: bool = False) -> None:
+        """Frames from the channel (or, ``inner``, from the link layer's byte stream)."""
         decoder = self._decoder
         stats = self.stats
-        stats.damaged_frames = decoder.damaged
-        stats.resyncs = decoder.resyncs
-        stats.discarded_bytes = decoder.discarded
+        stats.damaged_frames = decoder.damaged + self._inner.damaged
+        stats.resyncs = decoder.resyncs + self._inner.resyncs
+        stats.discarded_bytes = decoder.discarded + self._inner.discarded
         for item in items:
-            if isinstance(item, Damage):
+            if item.type in LINK_FRAME_TYPES:
+                if inner:
+                    stats.protocol_errors += 1  # a link frame inside the link: nonsense
+                else:
+                    self._on_link_item(item, now)
+            elif self.link is not None and not inner and not self._plain_again(item):
+                # Once the link is on, every frame comes in a chunk.  A plain frame
+                # here is one the decoder found inside a damaged chunk while
+                # resynchronising: the link delivers it (again) once repaired.
+                stats.stale_frames += 1
+            elif isinstance(item, Damage):
                 self._on_damage(item, now)
             else:
                 stats.frames_in += 1
                 self._on_frame(item, now)
+
+    def _plain_again(self, item: Frame | Damage) -> bool:
+        """Did the peer go back to plain frames (a restart, in auto mode or off)?
+
+        In auto mode, only a run of plain HELLOs with no chunk in between says
+        so (frames found inside damaged chunks always come among intact ones),
+        and the link goes off.  With the link on, the peer is asked to follow.
+        """
+        if item.type != FrameType.HELLO or isinstance(item, Damage):
+            return False
+        if self.config.link == "on":
+            assert self.link is not None
+            self.link.nudge()  # a new peer in auto mode: our next chunk turns its link on
+            return False
+        self._plain_hellos += 1
+        if self._plain_hellos < PLAIN_HELLOS_TO_DROP_LINK:
+            return False
+        self.link = None
+        self._inner.reset()
+        self._events.append(ev.LinkNotice("link reliability off: the peer stopped using it"))
+        return True
+
+    def _on_link_item(self, item: Frame | Damage, now: float) -> None:
+        link = self.link
+        if link is None:
+            if self.state is State.DISCONNECTED or isinstance(item, Damage):
+                return
+            if self.config.link == "off":
+                self.stats.protocol_errors += 1
+                if not self._link_refused:
+                    self._link_refused = True
+                    self._events.append(
+                        ev.LinkNotice("the peer uses link reliability, which --link off refuses")
+                    )
+                return
+            link = self.link = ReliableLink(self.stats)
+            self._events.append(ev.LinkNotice("link reliability on: the peer uses it"))
+        if isinstance(item, Damage):
+            link.on_damage(item)
+            return
+        self._plain_hellos = 0
+        if item.type == FrameType.LINK_ACK:
+            link.on_ack(item, now)
+        else:
+            data = link.on_data(item, now)
+            if link.peer_restarted:
+                link.peer_restarted = False
+                self._inner.reset()  # a cut-off frame of the old link is gone for good
+            if data:
+                self._handle_decoded(self._inner.feed(data, now), now, inner=True)
 
     def _on_damage(self, damage: Damage, now: float) -> None:
         if self.state is not State.UP or damage.seq != self._rx_seq:
@@ -669,6 +768,17 @@ class Session:
 
     def has_data_to_send(self) -> bool:
         """True if :meth:`data_to_send` may return bytes (it can still return none)."""
+        link = self.link
+        if link is not None:
+            if link.has_control:
+                return True
+            if link.room <= 0:
+                return False  # an ACK from the peer reopens the window
+            if link.has_unsent:
+                return True
+        return self._has_frames()
+
+    def _has_frames(self) -> bool:
         return bool(self._hello_queued or self._control or (self.state is State.UP and self._ready))
 
     def data_to_send(
@@ -678,8 +788,30 @@ class Session:
 
         DATA payloads are at most ``frame_limit`` (and the peer's max_frame), so
         a slow channel can keep each frame short.  Given ``now``, DATA in flight
-        is also kept under :attr:`flight_cap`, learnt from probe PINGs.
+        is also kept under :attr:`flight_cap`, learnt from probe PINGs.  With
+        link reliability on, the frames travel inside LINK_DATA chunks.
         """
+        link = self.link
+        if link is None:
+            data = self._frames_to_send(limit, frame_limit, now)
+            self.stats.bytes_out += len(data)
+            return data
+        at = self._now if now is None else now
+        out: list[bytes] = []
+        size = link.write_control(out, at, limit)
+        if size < limit and link.room > 0:
+            size_each = min(chunk_size(self.peer_max_frame, frame_limit), link.chunk_limit)
+            room = link.room * size_each
+            frames = b""
+            if self._has_frames():
+                frames = self._frames_to_send(min(limit - size, room), frame_limit, now)
+            if frames or link.has_unsent:
+                size += link.write_data(out, frames, size_each, at)
+        self.stats.bytes_out += size
+        return b"".join(out)
+
+    def _frames_to_send(self, limit: int, frame_limit: int, now: float | None) -> bytes:
+        """The session's own frames, as :meth:`data_to_send` describes."""
         out: list[bytes] = []
         size = 0
         control = self._control
@@ -768,7 +900,6 @@ class Session:
                 frames += 1
         self._tx_seq = seq
         self.stats.frames_out += frames
-        self.stats.bytes_out += size
         return b"".join(out)
 
     def _ping_token(self) -> bytes:
