@@ -258,20 +258,42 @@ class TcpFaultRelay:
 
     # ------------------------------------------------------------ the copy loop
 
+    #: Bytes held per direction before the relay stops reading the source:
+    #: back-pressure reaches the writer as it would through a real link.
+    MAX_BUFFER = 256 * 1024
+
     def _run(self) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self._listener, selectors.EVENT_READ, None)
-        # socket -> (peer socket, direction name, bytes waiting to go to the peer)
-        links: dict[socket.socket, list] = {}
+        # socket -> its peer, the direction of bytes read from it, and the
+        # bytes waiting to be written *to* it.
+        links: dict[socket.socket, _Side] = {}
         try:
             while not self._closed:
-                for key, _ in sel.select(0.1):
+                for sock, side in list(links.items()):
+                    want = 0
+                    if len(links[side.peer].pending) < self.MAX_BUFFER:
+                        want |= selectors.EVENT_READ
+                    if side.pending:
+                        want |= selectors.EVENT_WRITE
+                    if want != side.registered:
+                        if side.registered and want:
+                            sel.modify(sock, want)
+                        elif want:
+                            sel.register(sock, want)
+                        else:
+                            sel.unregister(sock)
+                        side.registered = want
+                for key, events in sel.select(0.1):
                     sock = key.fileobj
                     if sock is self._listener:
-                        self._accept(sel, links)
+                        self._accept(links)
                         continue
                     assert isinstance(sock, socket.socket)
-                    self._pump(sel, links, sock)
+                    if sock in links and events & selectors.EVENT_WRITE:
+                        self._write(sel, links, sock)
+                    if sock in links and events & selectors.EVENT_READ:
+                        self._read(sel, links, sock)
         except BaseException as e:  # surfaced through self.errors
             self.errors.append(e)
         finally:
@@ -279,7 +301,7 @@ class TcpFaultRelay:
                 s.close()
             sel.close()
 
-    def _accept(self, sel: selectors.BaseSelector, links: dict) -> None:
+    def _accept(self, links: dict[socket.socket, _Side]) -> None:
         try:
             down, _ = self._listener.accept()
         except BlockingIOError:
@@ -295,39 +317,55 @@ class TcpFaultRelay:
         with self._lock:
             self.connections += 1
             self._pairs.append((down, up))
-        links[down] = [up, "up"]
-        links[up] = [down, "down"]
-        sel.register(down, selectors.EVENT_READ)
-        sel.register(up, selectors.EVENT_READ)
+        links[down] = _Side(up, "up")
+        links[up] = _Side(down, "down")
 
-    def _pump(self, sel: selectors.BaseSelector, links: dict, sock: socket.socket) -> None:
-        if sock not in links:
-            return  # its pair ended earlier in this same select() batch
-        peer, direction = links[sock]
+    def _read(self, sel: selectors.BaseSelector, links: dict, sock: socket.socket) -> None:
+        side = links[sock]
         try:
             data = sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        if data:
-            with self._lock:
-                data = self.faults[direction].apply(data)
-            try:
-                peer.setblocking(True)
-                peer.settimeout(10)
-                peer.sendall(data)
-                peer.setblocking(False)
-                return
-            except OSError:
-                pass
-        for s in (sock, peer):  # EOF, error or cut: end the whole pair
-            if s in links:
-                sel.unregister(s)
-                del links[s]
+        if not data:  # EOF, error or cut: end the whole pair
+            self._end(sel, links, sock)
+            return
+        with self._lock:
+            data = self.faults[side.direction].apply(data)
+        links[side.peer].pending += data
+
+    def _write(self, sel: selectors.BaseSelector, links: dict, sock: socket.socket) -> None:
+        side = links[sock]
+        try:
+            sent = sock.send(side.pending[:65536])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._end(sel, links, sock)
+            return
+        del side.pending[:sent]
+
+    def _end(self, sel: selectors.BaseSelector, links: dict, sock: socket.socket) -> None:
+        peer = links[sock].peer
+        for s in (sock, peer):
+            side = links.pop(s, None)
+            if side is not None:
+                if side.registered:
+                    sel.unregister(s)
                 s.close()
         with self._lock:
             self._pairs = [p for p in self._pairs if sock not in p]
+
+
+@dataclass(eq=False)
+class _Side:
+    """One socket of a relayed pair (see TcpFaultRelay._run)."""
+
+    peer: socket.socket
+    direction: str
+    pending: bytearray = field(default_factory=bytearray)
+    registered: int = 0
 
 
 class SerialFaultRelay(PtyRelay):

@@ -354,7 +354,7 @@ def test_link_layer_repairs_faults_all_transfers_byte_exact(daemons, backends, f
     kind, rates = LINK_CASES[case]
     echo = backends(EchoServer)
     port = free_port()
-    args = [*FAST_KEEPALIVE, "--connect-timeout", "10", "--link", "on"]
+    args = ["--connect-timeout", "10", "--link", "on"]
     if kind == "serial":
         relay = fault_relays(SerialFaultRelay, seed=21)
         pair = serial_pair(daemons, relay, port, echo, args)
@@ -363,7 +363,7 @@ def test_link_layer_repairs_faults_all_transfers_byte_exact(daemons, backends, f
         relay = fault_relays(TcpFaultRelay, channel, seed=22)
         pair = tcp_pair(daemons, channel, relay, port, echo, args)
     relay.set_faults(rates)
-    outcomes = run_transfers(port, count=32, concurrency=32, size=128 * 1024, seed=31)
+    outcomes = run_transfers(port, count=32, concurrency=32, size=64 * 1024, seed=31)
     counts = relay.counts()
     relay.set_faults(None)
     report(f"link layer, {case}", counts, outcomes, 0, pair)
