@@ -96,8 +96,12 @@ class SessionPair:
         self.wire = [bytearray(), bytearray()]
         #: Optional hook applied to every chunk side i sends.
         self.mangle: list[Mangle | None] = [None, None]
-        #: Every frame each side produced (before mangling), in order.
+        #: Every frame each side produced (before mangling), in order; with
+        #: link reliability on, the session frames inside new LINK_DATA chunks
+        #: too (retransmissions are not repeated).
         self.sent_frames: list[list[Frame]] = [[], []]
+        self._inner = [FrameDecoder(MAX_PAYLOAD), FrameDecoder(MAX_PAYLOAD)]
+        self._chunks_seen: list[tuple[int, int]] = [(0, -1), (0, -1)]  # (epoch, last index)
         #: Every HELLO each side produced, with whether its session was up when it did.
         self.hellos: list[list[tuple[Frame, bool]]] = [[], []]
         self.now = now
@@ -155,12 +159,32 @@ class SessionPair:
             return 0
         frames = split_frames(data)
         self.sent_frames[side].extend(frames)
+        frames += self._unwrap(side, frames)
         self.hellos[side].extend((f, was_up) for f in frames if f.type == FrameType.HELLO)
         hook = self.mangle[side]
         if hook is not None:
             data = hook(data)
         self.wire[side] += data
         return len(data) or 1
+
+    def _unwrap(self, side: int, frames: list[Frame]) -> list[Frame]:
+        """Session frames carried in ``side``'s new LINK_DATA chunks (in index order)."""
+        inner: list[Frame] = []
+        for frame in frames:
+            if frame.type != FrameType.LINK_DATA or len(frame.payload) < 4:
+                continue
+            epoch = int.from_bytes(frame.payload[:4], "big")
+            seen_epoch, last = self._chunks_seen[side]
+            if epoch != seen_epoch:
+                self._inner[side] = FrameDecoder(MAX_PAYLOAD)
+                last = -1
+            elif frame.stream <= last:
+                continue  # a retransmission
+            self._chunks_seen[side] = (epoch, frame.stream)
+            items = self._inner[side].feed(frame.payload[4:])
+            inner += [item for item in items if isinstance(item, Frame)]
+        self.sent_frames[side].extend(inner)
+        return inner
 
     def deliver(self, side: int, count: int | None = None, now: float | None = None) -> int:
         """Deliver ``count`` (default: all) bytes that ``side`` sent to the other side."""

@@ -8,6 +8,7 @@ time, loss, corruption, reconnects and restarts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -1273,6 +1274,7 @@ class SessionPairMachine(RuleBasedStateMachine):
         self.peer_uid: dict[int, int] = {}
         self.opens = 0
         self.broken = False
+        self.link = False
 
     # ------------------------------------------------------------------ model
 
@@ -1294,6 +1296,8 @@ class SessionPairMachine(RuleBasedStateMachine):
 
     def _process(self) -> None:
         self.note_session_ids()
+        for side in (A, B):  # ids announced inside link chunks, too
+            self.sid_owner.setdefault(self.pair.sessions[side].session_id, self.uid[side])
         for side in (A, B):
             uid = self.uid[side]
             live = self.live[side]
@@ -1342,6 +1346,8 @@ class SessionPairMachine(RuleBasedStateMachine):
                     # Two correct peers never commit a protocol error, whatever the channel
                     # does (checksums turn damage into CORRUPT or a new session).
                     assert event.reason != Reason.PROTOCOL, event
+                    # With link reliability on, damage is repaired below the streams.
+                    assert not (self.link and event.reason == Reason.CORRUPT), event
                     # Opens not yet sent stay queued when a session ends (docs: "The session").
                     assert not (
                         isinstance(event, ev.StreamRejected)
@@ -1375,13 +1381,19 @@ class SessionPairMachine(RuleBasedStateMachine):
         streams=st.lists(st.sampled_from([A, B]), max_size=3),
         data=st.booleans(),
         flight=st.booleans(),
+        link=st.sampled_from(["off", "on"]),
     )
-    def start(self, streams: list[int], data: bool, flight: bool) -> None:
+    def start(self, streams: list[int], data: bool, flight: bool, link: str) -> None:
         """Begin with a session up and a few open streams (maybe with data in flight).
 
         ``flight``: the owners pass ``now`` when they write, so the in-flight
-        cap and its probe PINGs/PONGs run too.
+        cap and its probe PINGs/PONGs run too.  ``link``: link reliability on
+        both sides ("on"), which must repair every fault of the line.
         """
+        self.link = link == "on"
+        if self.link:
+            config = dataclasses.replace(SM_CONFIG, link="on")
+            self.pair = SessionPair(config, config)
         self.pair.pass_now = flight
         self.settle(pump=True)
         for side in streams:
