@@ -36,23 +36,34 @@ if atheris is not None:
     with atheris.instrument_imports():
         from virtproxy.frames import (
             FRAME_OVERHEAD,
+            LINK_DATA_TYPE,
+            LINK_SLACK,
             MAX_PAYLOAD,
             MIN_MAX_FRAME,
             Damage,
             Frame,
             FrameDecoder,
+            FrameType,
             encode_frame,
         )
 else:
     from virtproxy.frames import (
         FRAME_OVERHEAD,
+        LINK_DATA_TYPE,
+        LINK_SLACK,
         MAX_PAYLOAD,
         MIN_MAX_FRAME,
         Damage,
         Frame,
         FrameDecoder,
+        FrameType,
         encode_frame,
     )
+
+
+#: Every frame type, two unknown ones, and the link layer's (whose LINK_DATA
+#: may exceed max_payload by LINK_SLACK).
+FRAME_TYPES = [int(t) for t in FrameType] + [0x00, 0x17, 0x22, 0xFF]
 
 
 class Reader:
@@ -78,7 +89,7 @@ class Reader:
         return len(self.data) - self.pos
 
 
-def make_chunk(reader: Reader, size: int) -> bytes:
+def make_chunk(reader: Reader, size: int, max_payload: int) -> bytes:
     """Raw bytes, or a frame with valid checksums (maybe then damaged).
 
     Blind mutation almost never gets a CRC-16 and a CRC-32 right, so half the
@@ -88,10 +99,13 @@ def make_chunk(reader: Reader, size: int) -> bytes:
     mode = reader.byte()
     if not mode & 1:
         return reader.take(size)
-    ftype = reader.byte() % 0x18
+    ftype = FRAME_TYPES[reader.byte() % len(FRAME_TYPES)]
     flags = reader.byte() & 0x03 if mode & 2 else 0
     header = reader.take(5).ljust(5, b"\0")
     payload = reader.take(size)
+    if mode & 16:  # past max_payload: only LINK_DATA may be, and by LINK_SLACK at most
+        want = min(MAX_PAYLOAD, max_payload + reader.byte() % (LINK_SLACK + 8))
+        payload = (payload + bytes(want))[:want]
     frame = bytearray(
         encode_frame(ftype, int.from_bytes(header[1:], "big"), payload, header[0], flags)
     )
@@ -117,12 +131,12 @@ def check(data: bytes) -> None:
     max_payload = MAX_PAYLOAD if first == 0xFF else MIN_MAX_FRAME + first * 4
     header_crc_ok = bool(reader.byte() & 1)
     decoder = FrameDecoder(max_payload, header_crc_ok)
-    bound = max_payload + FRAME_OVERHEAD
+    bound = max_payload + LINK_SLACK + FRAME_OVERHEAD
     fed = accepted = frames = 0
     now = 0.0
     while reader.left:
         control = reader.byte()
-        chunk = make_chunk(reader, control & 0x3F or 64)
+        chunk = make_chunk(reader, control & 0x3F or 64, max_payload)
         now += (control >> 6) * 0.75  # 0, 0.75, 1.5 or 2.25 s: past a stall deadline
         items = decoder.feed(chunk, now)
         fed += len(chunk)
@@ -131,12 +145,13 @@ def check(data: bytes) -> None:
         for item in items:
             if isinstance(item, Frame):
                 frames += 1
-                assert len(item.payload) <= max_payload
+                limit = max_payload + (LINK_SLACK if item.type == LINK_DATA_TYPE else 0)
+                assert len(item.payload) <= limit, (item.type, len(item.payload))
                 accepted += FRAME_OVERHEAD + len(item.payload)
                 roundtrip(item, max_payload, header_crc_ok)
             else:
                 assert isinstance(item, Damage), item
-                assert item.length <= max_payload
+                assert item.length <= max_payload + LINK_SLACK
         assert decoder.buffered < bound, (decoder.buffered, bound)
         assert fed == decoder.discarded + accepted + decoder.buffered, (
             fed,

@@ -41,16 +41,37 @@ if atheris is not None:
     with atheris.instrument_imports():
         from virtproxy import events as ev
         from virtproxy import session as session_module
-        from virtproxy.frames import FRAME_OVERHEAD, OPENER_BIT, FrameDecoder, encode_frame
+        from virtproxy.frames import (
+            FRAME_OVERHEAD,
+            LINK_SLACK,
+            OPENER_BIT,
+            FrameDecoder,
+            encode_frame,
+        )
+        from virtproxy.link import LINK_WINDOW
 else:
     from virtproxy import events as ev
     from virtproxy import session as session_module
-    from virtproxy.frames import FRAME_OVERHEAD, OPENER_BIT, FrameDecoder, encode_frame
+    from virtproxy.frames import FRAME_OVERHEAD, LINK_SLACK, OPENER_BIT, FrameDecoder, encode_frame
+    from virtproxy.link import LINK_WINDOW
 
 Session = session_module.Session
 SessionConfig = session_module.SessionConfig
 HELLO = struct.Struct(">QQIIII")
 PEER_ID = 0x1111111111111111
+CONFIGS = {
+    link: SessionConfig(
+        max_frame=256,
+        window=1024,
+        max_streams=4,
+        max_open_rate=20.0,
+        send_high_water=2048,
+        keepalive_interval=5.0,
+        keepalive_timeout=20.0,
+        link=link,
+    )
+    for link in ("auto", "off")
+}
 CONFIG = SessionConfig(
     max_frame=256,
     window=1024,
@@ -62,6 +83,8 @@ CONFIG = SessionConfig(
 )
 #: Stream ids the input can name: a few of each side's, and raw 32-bit values.
 FRAME_TYPES = [0x01, 0x02, 0x03, 0x04, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x00, 0x17]
+#: The link layer's frames: in "auto" mode a LINK_DATA turns the link on.
+FRAME_TYPES += [0x20, 0x21]
 
 
 class Reader:
@@ -93,8 +116,8 @@ def control_backlog(session: Session) -> int:
 class Harness:
     """One Session, its owner's bookkeeping, and a forging peer."""
 
-    def __init__(self) -> None:
-        self.session = Session(CONFIG)
+    def __init__(self, link: str = "auto") -> None:
+        self.session = Session(CONFIGS[link])
         self.now = 0.0
         self.seq = 0
         self.reader = FrameDecoder()  # what the session sends, decoded
@@ -147,7 +170,7 @@ class Harness:
 
     def events(self) -> None:
         for event in self.session.take_events():
-            if isinstance(event, ev.SessionUp | ev.SessionEnded):
+            if isinstance(event, ev.SessionUp | ev.SessionEnded | ev.LinkNotice):
                 continue
             key = event.stream_id
             if isinstance(event, ev.StreamRequested):
@@ -169,7 +192,10 @@ class Harness:
         session = self.session
         decoder = getattr(session, "_decoder", None)
         if decoder is not None:
-            assert decoder.buffered < CONFIG.max_frame + FRAME_OVERHEAD
+            assert decoder.buffered < CONFIG.max_frame + LINK_SLACK + FRAME_OVERHEAD
+        link = getattr(session, "link", None)
+        if link is not None:  # chunks kept for resending, and held out of order
+            assert link.unacknowledged <= LINK_WINDOW and link.held <= LINK_WINDOW
         theirs = [k for k in session.streams if k & OPENER_BIT]
         assert len(theirs) <= CONFIG.max_streams
         assert set(session.streams) <= self.known, set(session.streams) - self.known
@@ -272,7 +298,9 @@ class Harness:
 
 
 def check(data: bytes) -> None:
-    Harness().run(data)
+    """The first byte picks the link mode ("auto" as on TCP, or "off")."""
+    link = "off" if data[:1] and data[0] & 1 else "auto"
+    Harness(link).run(data[1:])
 
 
 def main() -> None:

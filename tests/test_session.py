@@ -1306,7 +1306,7 @@ class SessionPairMachine(RuleBasedStateMachine):
                     assert event.peer_session in self.sid_owner, event
                     self.peer_uid[uid] = self.sid_owner[event.peer_session]
                     continue
-                if isinstance(event, ev.SessionEnded):
+                if isinstance(event, ev.SessionEnded | ev.LinkNotice):
                     continue
                 key = event.stream_id
                 if isinstance(event, ev.StreamRequested):
