@@ -38,7 +38,15 @@ from sessionpair import (
 )
 
 from virtproxy import events as ev
-from virtproxy.frames import FRAME_OVERHEAD, OPENER_BIT, Frame, FrameType, Reason, encode_frame
+from virtproxy.frames import (
+    FRAME_OVERHEAD,
+    LINK_SLACK,
+    OPENER_BIT,
+    Frame,
+    FrameType,
+    Reason,
+    encode_frame,
+)
 from virtproxy.session import HELLO_ANSWER, Session, SessionConfig, StreamState
 
 WINDOW = struct.Struct(">I")
@@ -1561,7 +1569,8 @@ class SessionPairMachine(RuleBasedStateMachine):
                 assert track.unconsumed <= config.window, (
                     f"{key:#x}: {track.unconsumed} bytes delivered past the granted window"
                 )
-            assert session._decoder.buffered < config.max_frame + FRAME_OVERHEAD
+            # One incomplete frame at most (a LINK_DATA chunk may be LINK_SLACK longer).
+            assert session._decoder.buffered < config.max_frame + LINK_SLACK + FRAME_OVERHEAD
             assert len(session._control) <= CONTROL_BOUND, len(session._control)
 
     def teardown(self) -> None:
