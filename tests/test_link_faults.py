@@ -1,0 +1,148 @@
+"""Link reliability under a noisy line, sans-I/O: many streams, seeded damage.
+
+Two Sessions with ``link="on"`` exchange 32 echo transfers of 64 KiB while
+:class:`faultrelay.Faults` corrupts one byte in 10,000 on the wire in each
+direction.  Time is simulated (1 ms a round), so a run is deterministic for a
+seed and takes about a second.  Every transfer must come back byte-exact, no
+stream may be reset, and the transfers must never stall: no new byte for 15
+simulated seconds is a failure, as it is in tests/e2e/test_fault_injection.py.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
+
+from faultrelay import FaultRates, Faults
+
+from virtproxy import events as ev
+from virtproxy.session import Session, SessionConfig
+
+STREAMS = 32
+SIZE = 64 * 1024
+STALL = 15.0
+STEP = 0.001
+
+
+@dataclass
+class Run:
+    """Outcome of one simulated run."""
+
+    completed: int = 0
+    exact: bool = True
+    resets: list[ev.Event] = field(default_factory=list)
+    stalled_at: float | None = None
+    elapsed: float = 0.0
+    corrupted: int = 0
+
+
+def echo_over_noisy_link(seed: int, config: SessionConfig, rate: float = 1e-4) -> Run:
+    """A opens the streams and sends; B echoes everything back, EOF included."""
+    a, b = Session(config), Session(config)
+    rng = random.Random(seed)
+    faults = [Faults(random.Random(rng.random()), FaultRates(corrupt=rate)) for _ in range(2)]
+    now = 0.0
+    a.connection_made(now)
+    b.connection_made(now)
+    sent: dict[int, bytes] = {}
+    echoed: dict[int, bytearray] = {}
+    done: set[int] = set()
+    run = Run()
+
+    def owner(session: Session, echo: bool) -> None:
+        for event in session.take_events():
+            if isinstance(event, ev.StreamRequested):
+                session.accept(event.stream_id)
+            elif isinstance(event, ev.DataReceived):
+                session.consumed(event.stream_id, len(event.data))
+                if echo:
+                    session.send(event.stream_id, event.data)
+                else:
+                    echoed.setdefault(event.stream_id, bytearray()).extend(event.data)
+            elif isinstance(event, ev.EndOfData):
+                if echo:
+                    session.send_eof(event.stream_id)
+                else:
+                    done.add(event.stream_id)
+            elif isinstance(event, ev.StreamReset | ev.StreamRejected):
+                run.resets.append(event)
+
+    received = 0
+    progress_at = 0.0
+    for step in range(int(120 / STEP)):
+        if step == 5:  # the session is up by now
+            for i in range(STREAMS):
+                key = a.open_stream("svc", now)
+                sent[key] = random.Random(seed * 1000 + i).randbytes(SIZE)
+                a.send(key, sent[key])
+                a.send_eof(key)
+        for sender, damage, receiver in ((a, faults[0], b), (b, faults[1], a)):
+            data = sender.data_to_send(64 * 1024, now=now)
+            if data:
+                receiver.receive_data(damage.apply(data), now)
+        owner(b, echo=True)
+        owner(a, echo=False)
+        now += STEP
+        a.tick(now)
+        b.tick(now)
+        owner(b, echo=True)
+        owner(a, echo=False)
+        total = sum(map(len, echoed.values()))
+        if total != received:
+            received, progress_at = total, now
+        if run.resets or (sent and len(done) == STREAMS):
+            break
+        if now - progress_at > STALL:
+            run.stalled_at = now
+            break
+    run.completed = len(done)
+    run.exact = all(
+        bytes(echoed.get(key, b"")) == data for key, data in sent.items() if key in done
+    )
+    run.elapsed = now
+    run.corrupted = faults[0].counts.corrupted + faults[1].counts.corrupted
+    return run
+
+
+#: As a TCP channel configures it: frames up to 64 KiB, header-only DATA checks.
+TCP_LIKE = SessionConfig(max_frame=65535, header_crc=True, link="on")
+#: As a serial channel might: small frames, full checks.
+SERIAL_LIKE = SessionConfig(max_frame=4096, header_crc=False, link="on")
+
+CASES = [
+    pytest.param(TCP_LIKE, 1, id="tcp-like-seed1"),
+    pytest.param(TCP_LIKE, 2, id="tcp-like-seed2"),
+    pytest.param(
+        TCP_LIKE,
+        3,
+        id="tcp-like-seed3",
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="known bug: a chunk made while the link was clean (16 KiB here) is resent "
+            "whole after chunk_limit fell to 256, and at 1e-4 it rarely arrives intact; the "
+            "receiver's 63 held chunks fill the window and every stream waits (RTO at 4 s)",
+        ),
+    ),
+    pytest.param(SERIAL_LIKE, 3, id="serial-like-seed3"),
+    pytest.param(SERIAL_LIKE, 4, id="serial-like-seed4"),
+]
+
+
+@pytest.mark.parametrize(("config", "seed"), CASES)
+def test_link_layer_completes_every_transfer_without_stalling(
+    config: SessionConfig, seed: int
+) -> None:
+    run = echo_over_noisy_link(seed, config)
+    assert run.corrupted > 0, "the line was clean: the test proves nothing"
+    assert not run.resets, run.resets[:3]
+    assert run.stalled_at is None, (
+        f"no progress for {STALL} s at t={run.stalled_at:.1f} s "
+        f"({run.completed}/{STREAMS} transfers done)"
+    )
+    assert run.completed == STREAMS and run.exact
