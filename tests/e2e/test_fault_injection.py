@@ -185,6 +185,23 @@ def report(name: str, relay_counts: dict, outcomes: list[Outcome], attempts: int
         f"\n[{name}] relay: {relay_counts}\n[{name}] transfers: {tally(outcomes)}; "
         f"sessions ended (host + guest): {ended}; recovered after {attempts} attempt(s)"
     )
+    for daemon in (pair.host, pair.guest):
+        lines = counter_lines(daemon)
+        if lines:
+            print(f"[{name}] {daemon.name} {lines[-1].split(': ', 1)[-1]}")
+
+
+def counter_lines(daemon) -> list[str]:
+    """The daemon's "counters: ..." log lines (damage, resyncs, losses, limit hits)."""
+    return [line for line in daemon.lines() if "counters:" in line]
+
+
+def assert_damage_counted(pair) -> None:
+    """A session that ended on a noisy line logged what the line did to it."""
+    text = " ".join(counter_lines(pair.host) + counter_lines(pair.guest))
+    assert any(f"{name}=" in text for name in ("damaged_frames", "resyncs", "lost_frames")), (
+        "no damage counters logged after sessions ended on a noisy channel"
+    )
 
 
 @contextlib.contextmanager
@@ -299,6 +316,7 @@ def test_plain_session_on_a_noisy_serial_line_resets_never_corrupts(
     assert_never_wrong(outcomes)
     attempts = assert_recovers(port, seed=100)
     report("serial, plain session", counts, outcomes, attempts, pair)
+    assert_damage_counted(pair)
     assert faults_done(counts) > 0, "the relay did nothing: the test would prove nothing"
     assert pair.host.alive() and pair.guest.alive()
 
@@ -329,6 +347,7 @@ def test_plain_session_over_a_lossy_tcp_relay_resets_never_corrupts(
     assert_never_wrong(outcomes)
     attempts = assert_recovers(port, seed=200)
     report("tcp, plain session", counts, outcomes, attempts, pair)
+    assert_damage_counted(pair)
     assert faults_done(counts) > 0, "the relay did nothing: the test would prove nothing"
     assert pair.host.alive() and pair.guest.alive()
 
