@@ -141,7 +141,15 @@ class Soak:
             forwards += ["-o", f"{name}:127.0.0.1:{port}"]
         self.host = self.procs.start(
             "host",
-            [PY, "-m", "virtproxy", "-c", f"tcp-listen:127.0.0.1:{self.channel}", *forwards],
+            [
+                PY,
+                "-m",
+                "virtproxy",
+                "-c",
+                f"tcp-listen:127.0.0.1:{self.channel}",
+                *forwards,
+                *self.args.daemon_arg,
+            ],
             env=self.env,
         )
         self.logs.append(self.host.logpath)  # type: ignore[attr-defined]
@@ -166,6 +174,7 @@ class Soak:
                 f"refused:127.0.0.1:{refused}",
                 "--connect-timeout",
                 "3",
+                *self.args.daemon_arg,
             ],
             env=self.env,
         )
@@ -413,6 +422,7 @@ class Soak:
         result = {
             "machine": machine(),
             "duration_s": self.args.duration,
+            "daemon_args": self.args.daemon_arg,
             "guest_restarts": self.restarts,
             "jobs_ok": c.ok,
             "jobs_cut": c.cut,
@@ -449,6 +459,12 @@ def main() -> int:
     ap.add_argument("--bulk-bytes", type=int, default=2 << 20, help="largest bulk transfer")
     ap.add_argument("--think", type=float, default=0.3, help="max pause between a worker's jobs")
     ap.add_argument("--settle", type=float, default=3.0, help="idle seconds before a sample")
+    ap.add_argument(
+        "--daemon-arg",
+        action="append",
+        default=[],
+        help="an extra option for both daemons, e.g. --daemon-arg=--link=on (repeatable)",
+    )
     ap.add_argument("--json", help="write the report here too")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="vp-soak-")

@@ -47,6 +47,7 @@ from virtproxy.frames import (
     Reason,
     encode_frame,
 )
+from virtproxy.link import LINK_WINDOW
 from virtproxy.session import HELLO_ANSWER, Session, SessionConfig, StreamState
 
 WINDOW = struct.Struct(">I")
@@ -1572,6 +1573,9 @@ class SessionPairMachine(RuleBasedStateMachine):
             # One incomplete frame at most (a LINK_DATA chunk may be LINK_SLACK longer).
             assert session._decoder.buffered < config.max_frame + LINK_SLACK + FRAME_OVERHEAD
             assert len(session._control) <= CONTROL_BOUND, len(session._control)
+            if session.link is not None:  # chunks kept for resending, and held out of order
+                assert session.link.unacknowledged <= LINK_WINDOW
+                assert session.link.held <= LINK_WINDOW
 
     def teardown(self) -> None:
         """Once both owners stop (EOF everything, read everything), every stream ends."""
