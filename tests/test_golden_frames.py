@@ -40,7 +40,7 @@ def spec_frame(ftype: int, stream: int, payload: bytes, seq: int, flags: int = 0
     return body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
 
 
-HELLO_PAYLOAD = struct.pack(">QQIIII", SESSION_ID, 0, 16384, 262144, 1024, 0)
+HELLO_PAYLOAD = struct.pack(">QQIIIII", SESSION_ID, 0, 16384, 262144, 1024, 0, 64 << 20)
 PING_PAYLOAD = (1).to_bytes(8, "big")
 LINK_EPOCH = (0x11223344).to_bytes(4, "big")
 
@@ -53,14 +53,15 @@ GOLDEN: list[tuple[str, int, int, bytes, int, int, str]] = [
         HELLO_PAYLOAD,
         0,
         0,
-        "a55c010100000000000000200c7c"
+        "a55c010100000000000000244cf8"
         "0102030405060708"
         "0000000000000000"
         "00004000"
         "00040000"
         "00000400"
         "00000000"
-        "4383db2d",
+        "04000000"
+        "11876e9c",
     ),
     ("PING", 0x02, 0, PING_PAYLOAD, 1, 0, "a55c010200010000000000083c330000000000000001921e7e7a"),
     ("PONG", 0x03, 0, PING_PAYLOAD, 2, 0, "a55c010300020000000000080f920000000000000001667d0a32"),
@@ -125,14 +126,15 @@ GOLDEN: list[tuple[str, int, int, bytes, int, int, str]] = [
         HELLO_PAYLOAD,
         0,
         0x01,
-        "a55c010101000000000000204baf"
+        "a55c010101000000000000240b2b"
         "0102030405060708"
         "0000000000000000"
         "00004000"
         "00040000"
         "00000400"
         "00000000"
-        "a0123cf5",
+        "04000000"
+        "0f933156",
     ),
 ]
 
@@ -223,7 +225,11 @@ def test_session_emits_frames_in_the_spec_layout() -> None:
     hello = after_hello[0]
     sid = session.session_id
     assert encode_frame(FrameType.HELLO, 0, hello.payload, hello.seq, hello.flags) == spec_frame(
-        0x01, 0, struct.pack(">QQIIII", sid, peer.session_id, 16384, 262144, 1024, 0), 0, 0
+        0x01,
+        0,
+        struct.pack(">QQIIIII", sid, peer.session_id, 16384, 262144, 1024, 0, 64 << 20),
+        0,
+        0,
     )
 
     stream = session.open_stream("http", 0.0)

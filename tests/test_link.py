@@ -8,10 +8,13 @@ byte-exact without a single reset.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sessionpair import A, B, SessionPair, peer_id
 
 from virtproxy import events as ev
@@ -205,9 +208,14 @@ def noisy(rng: random.Random, corrupt: float, drop: float = 0.0, dup: float = 0.
 
 
 def _events(rng: random.Random, size: int, rate: float) -> int:
-    expected = size * rate
-    whole = int(expected)
-    return whole + (1 if rng.random() < expected - whole else 0) if size else 0
+    """How many of ``size`` bytes an error hits, each independently at ``rate``."""
+    if not rate:
+        return 0
+    count, position = 0, rng.expovariate(rate)
+    while position < size:
+        count += 1
+        position += rng.expovariate(rate)
+    return count
 
 
 def run_transfers(
@@ -350,3 +358,31 @@ def test_the_chunk_size_halves_on_loss_and_grows_back_when_clean() -> None:
     deliver(b, send(a, b"g" * 1600, size=100))
     acks(a, b)
     assert a.chunk_limit == start  # 16 clean chunks (the resend included) doubled it back
+
+
+@settings(
+    max_examples=int(os.environ.get("LINK_EXAMPLES", 12 if os.environ.get("CI") else 25)),
+    deadline=None,
+)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    corrupt=st.sampled_from([0.0, 1e-4, 5e-4, 1e-3]),
+    drop=st.sampled_from([0.0, 1e-4, 3e-4]),
+    dup=st.sampled_from([0.0, 1e-4, 3e-4]),
+    streams=st.integers(1, 6),
+    size=st.integers(1, 20_000),
+    max_frame=st.sampled_from([256, 512, 4096]),
+)
+def test_any_noise_any_load_every_stream_byte_exact(
+    seed: int, corrupt: float, drop: float, dup: float, streams: int, size: int, max_frame: int
+) -> None:
+    pair = linked_pair(max_frame=max_frame)
+    rng = random.Random(seed)
+    for side in (A, B):
+        pair.mangle[side] = noisy(rng, corrupt=corrupt, drop=drop, dup=dup)
+    wrong, eof = run_transfers(pair, streams, size, seconds=300)
+    assert len(eof) == streams and not wrong
+    assert pair.a.stats.sessions == 1 and pair.b.stats.sessions == 1
+    for session in (pair.a, pair.b):
+        assert session.link is not None
+        assert session.link.unacknowledged <= LINK_WINDOW and session.link.held <= LINK_WINDOW

@@ -474,3 +474,52 @@ def test_max_open_rate(value: str, ok: bool) -> None:
     else:
         with pytest.raises(usage.UsageError, match="--max-open-rate"):
             options.parseOptions(argv)
+
+
+def test_hostile_peer_limits_reach_the_session_config() -> None:
+    from virtproxy.service import session_config
+
+    config = parse(
+        *CHAN,
+        "--window=65536",
+        "--session-window=1048576",
+        "--max-reset-rate=50",
+        "--stream-buffer=8192",
+        "--max-pending=9",
+        "--max-name-length=12",
+        "--link=off",
+    )
+    session = session_config(config)
+    assert (session.window, session.session_window, session.max_reset_rate) == (
+        65536,
+        1048576,
+        50,
+    )
+    assert (session.send_high_water, session.max_pending, session.max_service_name) == (
+        8192,
+        9,
+        12,
+    )
+    assert session.link == "off"
+    defaults = session_config(parse(*CHAN))
+    assert (defaults.session_window, defaults.link) == (64 * 1024 * 1024, "auto")
+    serial = session_config(parse("--channel", "serial:/dev/ttyS0"))
+    assert serial.link == "on"
+    big = session_config(parse(*CHAN, "--window", str(128 * 1024 * 1024)))
+    assert big.session_window == 128 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--link", "maybe"], "--link 'maybe': expected one of on, auto, off"),
+        (["--window", "100000", "--session-window", "5000"], "--session-window '5000'"),
+        (["--max-name-length", "65"], "--max-name-length '65'"),
+        (["--max-pending", "0"], "--max-pending '0'"),
+        (["--stream-buffer", "1"], "--stream-buffer '1'"),
+        (["--max-reset-rate", "x"], "--max-reset-rate 'x'"),
+    ],
+)
+def test_bad_limits_are_one_line_errors(argv: list[str], fragment: str) -> None:
+    message = error(*CHAN, *argv)
+    assert fragment in message and "\n" not in message

@@ -588,9 +588,11 @@ def test_open_beyond_max_streams_is_rejected_with_limit() -> None:
     def inflate(frame: Frame) -> bytes | None:
         if frame.type != FrameType.HELLO:
             return None
-        fields = list(struct.unpack(">QQIIII", frame.payload))
+        fields = list(struct.unpack(">QQIIII", frame.payload[:32]))
         fields[4] = 100  # B advertises 2; A is made to believe 100
-        return encode_frame(FrameType.HELLO, 0, struct.pack(">QQIIII", *fields), frame.seq)
+        return encode_frame(
+            FrameType.HELLO, 0, struct.pack(">QQIIII", *fields) + frame.payload[32:], frame.seq
+        )
 
     pair = SessionPair(SessionConfig(), SessionConfig(max_streams=2))
     pair.mangle[B] = frame_mangler(inflate)

@@ -67,4 +67,14 @@ class DaemonConfig:
     max_open_rate: int = 1000
     #: Link reliability mode (on, auto, off); None = per channel kind.
     link: str | None = None
+    #: Peer RESETs per second (token bucket, bursts of twice that).
+    max_reset_rate: int = 1000
+    #: Bytes the peer may have in flight to us over all streams together.
+    session_window: int = 64 * 1024 * 1024
+    #: Bytes queued unsent on one stream before its local socket is paused.
+    stream_buffer: int = 256 * 1024
+    #: Our local clients waiting for a session or a free stream slot.
+    max_pending: int = 1024
+    #: Longest service name the peer may open.
+    max_service_name: int = 64
     extra: dict[str, object] = field(default_factory=dict)

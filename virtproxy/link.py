@@ -35,15 +35,15 @@ FLAG_NAK = 0x01
 EPOCH_SIZE = 4
 #: Retransmission timer bounds (seconds); it starts at RTO_INITIAL.
 RTO_MIN = 0.2
-RTO_MAX = 4.0
+RTO_MAX = 2.0
 RTO_INITIAL = 1.0
 
 #: Chunk sizes (session bytes): a corrupted byte costs its whole chunk, so the
 #: size adapts, halving on every loss and doubling after CHUNK_GROWTH clean
 #: chunks.  It settles where about one chunk in CHUNK_GROWTH is hit: near
 #: 500 bytes at one bad byte in 10,000; at the frame size on a clean link.
-CHUNK_MIN = 256
-CHUNK_START = 4096
+CHUNK_MIN = 128
+CHUNK_START = 1024
 CHUNK_GROWTH = 16
 
 _MASK = 0xFFFFFFFF

@@ -431,6 +431,41 @@ class Options(usage.Options):
             "each open costs a local connect, so a hostile peer must not churn them.",
         ],
         [
+            "max-reset-rate",
+            None,
+            "1000",
+            "Stream resets the peer may send per second, sustained (bursts of twice "
+            "that); a faster peer loses its session (the HTTP/2 rapid-reset attack).",
+        ],
+        [
+            "session-window",
+            None,
+            None,
+            "Bytes the peer may send over all streams together before we have "
+            "delivered them: what one session can make us buffer "
+            f"(--window..{MAX_WINDOW}) [default: 64 MiB, or --window if larger].",
+        ],
+        [
+            "stream-buffer",
+            None,
+            str(256 * 1024),
+            "Bytes read from a local socket and queued for one stream before we stop "
+            "reading it (4096..16777216).",
+        ],
+        [
+            "max-pending",
+            None,
+            "1024",
+            "Local clients that may wait for a session or a free stream slot at once "
+            "(1..1000000); more are closed at once.",
+        ],
+        [
+            "max-name-length",
+            None,
+            "64",
+            "Longest service name the peer may ask for (1..64).",
+        ],
+        [
             "link",
             None,
             None,
@@ -527,6 +562,15 @@ class Options(usage.Options):
         window = _integer("--window", self["window"], max_frame or MIN_FRAME, MAX_WINDOW)
         max_streams = _integer("--max-streams", self["max-streams"], 1, MAX_STREAMS)
         max_open_rate = _integer("--max-open-rate", self["max-open-rate"], 1, 1_000_000)
+        max_reset_rate = _integer("--max-reset-rate", self["max-reset-rate"], 1, 1_000_000)
+        session_window = max(window, 64 * 1024 * 1024)
+        if self["session-window"] is not None:
+            session_window = _integer(
+                "--session-window", self["session-window"], window, MAX_WINDOW
+            )
+        stream_buffer = _integer("--stream-buffer", self["stream-buffer"], 4096, 16 * 1024 * 1024)
+        max_pending = _integer("--max-pending", self["max-pending"], 1, 1_000_000)
+        max_name = _integer("--max-name-length", self["max-name-length"], 1, 64)
         link = self["link"]
         if link is not None and link not in LINK_MODES:
             raise usage.UsageError(f"--link {link!r}: expected one of {', '.join(LINK_MODES)}")
@@ -557,6 +601,11 @@ class Options(usage.Options):
             max_streams=max_streams,
             max_open_rate=max_open_rate,
             link=link,
+            max_reset_rate=max_reset_rate,
+            session_window=session_window,
+            stream_buffer=stream_buffer,
+            max_pending=max_pending,
+            max_service_name=max_name,
         )
 
 

@@ -109,6 +109,11 @@ def session_config(config: DaemonConfig) -> SessionConfig:
         open_timeout=config.connect_timeout,
         header_crc=config.channel.kind in SOCKET_KINDS,
         link=config.link or default_link(config.channel.kind),
+        max_reset_rate=config.max_reset_rate,
+        session_window=max(config.session_window, config.window, max_frame),
+        send_high_water=config.stream_buffer,
+        max_pending=config.max_pending,
+        max_service_name=config.max_service_name,
     )
 
 

@@ -43,6 +43,8 @@ from virtproxy.frames import (
 from virtproxy.link import LinkStats, ReliableLink, chunk_size
 
 _HELLO = struct.Struct(">QQIIII")
+#: HELLO field appended after the version-1 fields: the session window.
+_HELLO_SESSION_WINDOW = struct.Struct(">I")
 _WINDOW = struct.Struct(">I")
 MAX_WINDOW = 0x7FFFFFFF
 #: Bytes in flight are kept near the peer's best delivery rate times this, so
@@ -89,6 +91,16 @@ class SessionConfig:
     #: Each one costs a local connect, and opening and resetting streams in a
     #: loop ("rapid reset") must not turn a peer into a connect flood.
     max_open_rate: float = 1000.0
+    #: Peer RESETs accepted per second, sustained (bursts of twice that); a peer
+    #: resetting faster loses its session.
+    max_reset_rate: float = 1000.0
+    #: DATA bytes the peer may have sent and we not yet delivered, over all its
+    #: streams together: the bound on what one session can make us buffer.
+    session_window: int = 64 * 1024 * 1024
+    #: Our own opens waiting for a session or a free peer slot.
+    max_pending: int = 1024
+    #: Longest service name the peer may open (at most MAX_SERVICE_NAME).
+    max_service_name: int = 64
     keepalive_interval: float = 5.0
     keepalive_timeout: float = 20.0
     hello_interval: float = 1.0
@@ -111,8 +123,14 @@ class SessionConfig:
             raise ValueError(f"window must be max_frame..{MAX_WINDOW}")
         if self.max_streams < 1:
             raise ValueError("max_streams must be positive")
-        if self.max_open_rate <= 0:
-            raise ValueError("max_open_rate must be positive")
+        if self.max_open_rate <= 0 or self.max_reset_rate <= 0:
+            raise ValueError("max_open_rate and max_reset_rate must be positive")
+        if not self.window <= self.session_window <= MAX_WINDOW:
+            raise ValueError(f"session_window must be window..{MAX_WINDOW}")
+        if self.max_pending < 1:
+            raise ValueError("max_pending must be positive")
+        if not 1 <= self.max_service_name <= MAX_SERVICE_NAME:
+            raise ValueError(f"max_service_name must be 1..{MAX_SERVICE_NAME}")
         if not 0 < self.keepalive_interval < self.keepalive_timeout:
             raise ValueError("need 0 < keepalive_interval < keepalive_timeout")
         if self.link not in LINK_MODES:
@@ -157,6 +175,8 @@ class Stream:
     blocked: bool = False
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: DATA received and not yet taken by the local socket (session window).
+    unconsumed: int = 0
 
 
 @dataclass
@@ -238,6 +258,13 @@ class Session:
         self.flight_cap: int | None = FLIGHT_INITIAL
         self._open_tokens = 2.0 * self.config.max_open_rate
         self._open_tokens_at = 0.0
+        self._reset_tokens = 2.0 * self.config.max_reset_rate
+        self._reset_tokens_at = 0.0
+        # Session window (docs/protocol.rst, "Flow control"); None: no bound.
+        self._session_credit: int | None = None  # what we may still send
+        self._session_recv_credit = self.config.session_window  # what the peer may
+        self._session_unacked = 0  # delivered since our last session WINDOW
+        self._pending_count = 0
 
     # ------------------------------------------------------------------ owner API
 
@@ -304,6 +331,10 @@ class Session:
         key = self._next_number
         self._next_number += 1
         stream = Stream(key, service, ours=True, state=StreamState.PENDING)
+        if len(self._pending) >= self.config.max_pending:
+            self.stats.limit_hits += 1
+            self._events.append(ev.StreamRejected(key, Reason.LIMIT, "too many opens waiting"))
+            return key
         stream.deadline = now + self.config.open_timeout
         heappush(self._deadlines, (stream.deadline, key))
         self.streams[key] = stream
@@ -362,7 +393,12 @@ class Session:
     def consumed(self, stream_id: int, count: int) -> None:
         """The local socket really took ``count`` bytes of this stream: grant credit."""
         stream = self.streams.get(stream_id)
-        if stream is None or stream.state is not StreamState.OPEN or stream.eof_received:
+        if stream is None:
+            return
+        taken = min(count, stream.unconsumed)
+        stream.unconsumed -= taken
+        self._credit_session(taken)
+        if stream.state is not StreamState.OPEN or stream.eof_received:
             return
         stream.unacked += count
         if stream.unacked >= self.config.window // 4:
@@ -572,6 +608,9 @@ class Session:
         if ftype == FrameType.OPEN:
             self._on_open(frame, key, now)
             return
+        if not key and ftype == FrameType.WINDOW:
+            self._on_session_window(frame)
+            return
         stream = self.streams.get(key)
         if stream is None:
             self._on_unknown_stream(frame, key)
@@ -583,11 +622,15 @@ class Session:
             self.stats.protocol_errors += 1
             return
         their, seen, max_frame, window, max_streams, caps = _HELLO.unpack_from(frame.payload)
+        session_window: int | None = None  # an older peer: no session bound
+        if len(frame.payload) >= _HELLO.size + _HELLO_SESSION_WINDOW.size:
+            (session_window,) = _HELLO_SESSION_WINDOW.unpack_from(frame.payload, _HELLO.size)
         if (
             not their
             or not MIN_MAX_FRAME <= max_frame <= MAX_PAYLOAD
             or not max_frame <= window <= MAX_WINDOW
             or not max_streams
+            or (session_window is not None and not window <= session_window <= MAX_WINDOW)
         ):
             self.stats.protocol_errors += 1
             return
@@ -605,6 +648,9 @@ class Session:
             self.peer_max_frame = max_frame
             self.peer_window = window
             self.peer_max_streams = max_streams
+            self._session_credit = session_window
+            self._session_recv_credit = self.config.session_window
+            self._session_unacked = 0
             both = self.config.header_crc and caps & CAP_HEADER_CRC
             self._data_flags = FLAG_HEADER_CRC if both else 0
         if seen == self.session_id and self.state is not State.UP:
@@ -653,6 +699,50 @@ class Session:
         text = f"the peer went away ({describe_reason(reason, message)})"
         self._restart(now, text, Reason.SESSION_LOST)
 
+    def _take_reset_token(self) -> bool:
+        """Token bucket for peer RESETs ("rapid reset"): past it, the session ends."""
+        rate = self.config.max_reset_rate
+        now = self._now
+        elapsed = max(0.0, now - self._reset_tokens_at)
+        self._reset_tokens = min(2.0 * rate, self._reset_tokens + elapsed * rate)
+        self._reset_tokens_at = now
+        if self._reset_tokens >= 1.0:
+            self._reset_tokens -= 1.0
+            return True
+        self.stats.limit_hits += 1
+        self._restart(now, "the peer resets streams too fast", Reason.LIMIT)
+        return False
+
+    def _take_session_credit(self, size: int) -> bool:
+        """Count peer DATA against the session window; past it, the session ends."""
+        if size <= self._session_recv_credit:
+            self._session_recv_credit -= size
+            return True
+        self.stats.protocol_errors += 1
+        self._restart(self._now, "peer error: DATA beyond the session window", Reason.PROTOCOL)
+        return False
+
+    def _credit_session(self, count: int) -> None:
+        """Bytes left our buffers: give the peer that much session credit back."""
+        if not count or self.state is State.DISCONNECTED:
+            return
+        self._session_recv_credit += count
+        self._session_unacked += count
+        if self._session_unacked >= self.config.session_window // 4:
+            increment, self._session_unacked = self._session_unacked, 0
+            self._control.append((FrameType.WINDOW, 0, _WINDOW.pack(increment)))
+
+    def _on_session_window(self, frame: Frame) -> None:
+        credit = self._session_credit
+        if len(frame.payload) != _WINDOW.size or credit is None:
+            self.stats.protocol_errors += 1
+            return
+        (increment,) = _WINDOW.unpack(frame.payload)
+        if not increment or credit + increment > MAX_WINDOW:
+            self.stats.protocol_errors += 1
+            return
+        self._session_credit = credit + increment
+
     def _take_open_token(self, now: float) -> bool:
         """Token bucket for peer OPENs: max_open_rate a second, bursts of twice that."""
         rate = self.config.max_open_rate
@@ -675,6 +765,15 @@ class Session:
             return
         self._highest_peer_number = number
         name = frame.payload
+        if valid_service_name(name) and len(name) > self.config.max_service_name:
+            self.stats.limit_hits += 1
+            self._queue_reason(
+                FrameType.OPEN_FAIL,
+                frame.stream ^ OPENER_BIT,
+                Reason.LIMIT,
+                "service name too long",
+            )
+            return
         if not valid_service_name(name):
             self.stats.protocol_errors += 1
             self._queue_reason(
@@ -701,6 +800,8 @@ class Session:
     def _on_unknown_stream(self, frame: Frame, key: int) -> None:
         if frame.type == FrameType.DATA:
             self._data_received += len(frame.payload)  # it still crossed the line
+            if self._take_session_credit(len(frame.payload)):
+                self._credit_session(len(frame.payload))  # dropped: delivered, as it were
         if key in self._recent_resets:
             return  # was in flight when we reset it
         number = key & MAX_STREAM_NUMBER
@@ -733,6 +834,9 @@ class Session:
         if size > stream.recv_credit:
             self._stream_protocol_error(stream, "DATA beyond the granted window")
             return
+        if not self._take_session_credit(size):
+            return
+        stream.unconsumed += size
         stream.recv_credit -= size
         stream.bytes_received += size
         self._events.append(ev.DataReceived(stream.key, frame.payload))
@@ -757,6 +861,8 @@ class Session:
         self._maybe_finished(stream)
 
     def _on_reset(self, frame: Frame, stream: Stream) -> None:
+        if not self._take_reset_token():
+            return
         reason, message = _parse_reason(frame.payload)
         self._drop(stream)
         if stream.ours and stream.state is StreamState.OPENING:
@@ -831,7 +937,7 @@ class Session:
                 self.config.window,
                 self.config.max_streams,
                 CAP_HEADER_CRC if self.config.header_crc else 0,
-            )
+            ) + _HELLO_SESSION_WINDOW.pack(self.config.session_window)
             flags = 0 if self.state is State.UP else HELLO_ANSWER
             size += encode_into(out, FrameType.HELLO, 0, payload, 0, flags)
             frames += 1
@@ -850,7 +956,8 @@ class Session:
             if now is not None and self.flight_cap is not None:
                 budget = max(0, self.flight_cap - (self._data_sent - self._peer_received))
             sent_before = self._data_sent
-            parked: list[Stream] = []  # bulk streams waiting for the cap to reopen
+            session_credit = self._session_credit  # None: the peer set no bound
+            parked: list[Stream] = []  # waiting for the flight cap or session credit
             while ready and size < limit:
                 stream = ready.popleft()
                 stream.ready = False
@@ -864,11 +971,18 @@ class Session:
                     parked.append(stream)  # bulk waits for the cap; keystrokes go on
                     continue
                 if stream.queued and stream.send_credit > 0:
+                    if session_credit == 0:
+                        parked.append(stream)  # until the peer's session WINDOW
+                        continue
                     most = min(stream.send_credit, max_frame)
+                    if session_credit is not None:
+                        most = min(most, session_credit)
                     if budget > 0:
                         most = min(most, budget)  # a frame never overshoots the flight cap
                     chunk = self._take(stream, most)
                     self._data_sent += len(chunk)
+                    if session_credit is not None:
+                        session_credit -= len(chunk)
                     if budget > 0:
                         budget = max(0, budget - len(chunk))
                     size += encode_into(out, FrameType.DATA, wire_id, chunk, seq, data_flags)
@@ -884,6 +998,7 @@ class Session:
                 if stream.queued and stream.send_credit > 0:
                     stream.ready = True
                     ready.append(stream)
+            self._session_credit = session_credit
             for stream in reversed(parked):  # first in line once the cap reopens
                 stream.ready = True
                 ready.appendleft(stream)
@@ -974,6 +1089,8 @@ class Session:
         self._peer_opened = 0
         self._we_opened = 0
         self._recent_resets.clear()
+        self._session_recv_credit = self.config.session_window
+        self._session_unacked = 0
         self._queue_hello()
         self._next_hello = now + self.config.hello_interval
 
@@ -1082,6 +1199,11 @@ class Session:
                 self._recent_resets.popitem(last=False)
         stream.queue.clear()
         stream.queued = 0
+        if stream.unconsumed:
+            # Whatever the local socket had not taken is discarded (a reset) or
+            # already handed to its transport (a clean close): either way, gone.
+            self._credit_session(stream.unconsumed)
+            stream.unconsumed = 0
         if stream.ours and stream.state is not StreamState.PENDING:
             self._send_pending_opens()
 
