@@ -363,12 +363,13 @@ LINK_CASES = {
         FaultRates(corrupt=1e-4, drop=1e-5, duplicate=1e-5, truncate=1e-5),
     ),
 }
-#: Until chunks are resent at the current chunk size (tests/test_link_faults.py,
-#: tcp-like-seed3, is the deterministic reproducer), TCP's large chunks can stall
-#: the link for over 15 s at 1e-4: about one run in two here.  Not strict: a
-#: lucky run passes.  Remove once the sans-I/O reproducer passes.
+#: Until the channel decoder stops waiting for session frames it finds inside
+#: damaged chunks (tests/test_link_faults.py, tcp-like-seed34, is the
+#: deterministic reproducer), TCP's 64 KiB frames can stall the link for over
+#: 15 s at 1e-4: about one run in two here.  Not strict: a lucky run passes.
+#: Remove once the sans-I/O reproducer passes.
 LINK_KNOWN_STALL = pytest.mark.xfail(
-    strict=False, reason="known link stall: large chunks resent whole (see test_link_faults)"
+    strict=False, reason="known link stall: decoder waits on a frame inside a damaged chunk"
 )
 
 
