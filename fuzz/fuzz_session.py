@@ -15,7 +15,7 @@ send, EOF, reset, consume, reading the channel).  Checked after every step:
   while the owner respects ``input_paused`` (reading the channel before
   feeding more);
 * per stream, data delivered and not yet consumed never exceeds the window
-  this side granted, and queued send bytes stay within ``send_high_water``
+  this side granted (and all streams together the session window), and queued send bytes stay within ``send_high_water``
   plus the last write;
 * the peer's live streams never exceed ``max_streams``, and every event
   names a stream the owner knows (or announces a new one).
@@ -63,6 +63,7 @@ CONFIGS = {
     link: SessionConfig(
         max_frame=256,
         window=1024,
+        session_window=2048,
         max_streams=4,
         max_open_rate=20.0,
         send_high_water=2048,
@@ -182,6 +183,8 @@ class Harness:
             if isinstance(event, ev.DataReceived):
                 self.unconsumed[key] = self.unconsumed.get(key, 0) + len(event.data)
                 assert self.unconsumed[key] <= CONFIG.window, (key, self.unconsumed[key])
+                held = sum(self.unconsumed.values())
+                assert held <= self.session.config.session_window, held
             elif isinstance(event, ev.StreamWritable):
                 self.blocked.discard(key)
             elif isinstance(event, ev.StreamReset | ev.StreamRejected | ev.StreamClosed):

@@ -1258,6 +1258,8 @@ class Track:
 SM_CONFIG = SessionConfig(
     max_frame=256,
     window=1024,
+    # Smaller than three streams' windows: the session-wide bound binds too.
+    session_window=2048,
     max_streams=3,
     keepalive_interval=5.0,
     keepalive_timeout=20.0,
@@ -1573,6 +1575,8 @@ class SessionPairMachine(RuleBasedStateMachine):
                     f"{key:#x}: {track.unconsumed} bytes delivered past the granted window"
                 )
             # One incomplete frame at most (a LINK_DATA chunk may be LINK_SLACK longer).
+            held = sum(track.unconsumed for track in self.live[side].values())
+            assert held <= config.session_window, f"{held} bytes past the session window"
             assert session._decoder.buffered < config.max_frame + LINK_SLACK + FRAME_OVERHEAD
             assert len(session._control) <= CONTROL_BOUND, len(session._control)
             if session.link is not None:  # chunks kept for resending, and held out of order
