@@ -15,8 +15,8 @@ send, EOF, reset, consume, reading the channel).  Checked after every step:
   while the owner respects ``input_paused`` (reading the channel before
   feeding more);
 * per stream, data delivered and not yet consumed never exceeds the window
-  this side granted (and all streams together the session window), and queued send bytes stay within ``send_high_water``
-  plus the last write;
+  this side granted (and all streams together the session window), and
+  queued send bytes stay within ``send_high_water`` plus the last write;
 * the peer's live streams never exceed ``max_streams``, and every event
   names a stream the owner knows (or announces a new one).
 
