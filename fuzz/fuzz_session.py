@@ -188,8 +188,15 @@ class Harness:
             elif isinstance(event, ev.StreamWritable):
                 self.blocked.discard(key)
             elif isinstance(event, ev.StreamReset | ev.StreamRejected | ev.StreamClosed):
-                self.known.discard(key)
-                self.unconsumed.pop(key, None)
+                self.forget(key)
+
+    def forget(self, key: int) -> None:
+        """The stream ended: a restarted peer may reuse its id for a new one."""
+        self.known.discard(key)
+        self.unconsumed.pop(key, None)
+        self.blocked.discard(key)
+        if key in self.requested:
+            self.requested.remove(key)
 
     def invariants(self) -> None:
         session = self.session
@@ -257,7 +264,7 @@ class Harness:
                 session.accept(key)
             else:
                 session.reject(key, 1, "no")
-                self.known.discard(key)
+                self.forget(key)
             self.events()
         elif kind == 10 and self.known:
             keys = sorted(self.known)
@@ -273,8 +280,7 @@ class Harness:
                 session.send_eof(key)
             elif action < 13:
                 session.reset(key)
-                self.known.discard(key)
-                self.unconsumed.pop(key, None)
+                self.forget(key)
             else:
                 count = self.unconsumed.get(key, 0)
                 if count:

@@ -49,6 +49,16 @@ def test_session_target_holds_for_random_inputs(data: bytes) -> None:
     session_target.check(data)
 
 
+@pytest.mark.parametrize("name", ["frames", "session"])
+def test_seed_corpus_holds(name: str) -> None:
+    """Every input of the checked-in seed corpus (regressions included) passes."""
+    target = frames_target if name == "frames" else session_target
+    inputs = sorted((FUZZ / "corpus" / name).iterdir())
+    assert inputs, "no seed corpus"
+    for path in inputs:
+        target.check(path.read_bytes())
+
+
 def test_frame_decoder_target_detects_a_broken_invariant(monkeypatch: pytest.MonkeyPatch) -> None:
     """The target really checks: a decoder that loses a frame's bytes is caught."""
     real = frames_target.FrameDecoder.feed
