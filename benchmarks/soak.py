@@ -100,8 +100,11 @@ class Counts:
 
     def add(self, kind: str, outcome: str) -> None:
         with self.lock:
-            table = self.ok if outcome == "ok" else self.cut
-            table[kind] = table.get(kind, 0) + 1
+            if outcome == "ok":
+                self.ok[kind] = self.ok.get(kind, 0) + 1
+            else:  # by kind and how: "refusal: cut (TimeoutError)"
+                key = f"{kind}: {outcome}"
+                self.cut[key] = self.cut.get(key, 0) + 1
 
     def bad(self, what: str) -> None:
         with self.lock:
@@ -300,14 +303,19 @@ class Soak:
         return "ok"
 
     def job_refusal(self, rng: random.Random) -> str:
-        """An unknown service or a refused target: closed without a byte of data."""
+        """An unknown service or a refused target: closed without a byte of data.
+
+        The reset can come at any point, even before ``connect`` returns to us
+        (TCP_NODELAY then fails): every such error is the refusal.
+        """
         name = rng.choice(["nosvc", "refused"])
-        with self.connect(name) as s:
-            try:
+        data = b""
+        try:
+            with self.connect(name) as s:
                 s.sendall(b"hello")
                 data = s.recv(1024)
-            except (ConnectionResetError, BrokenPipeError):
-                data = b""  # the refusal came first: a reset, as it should
+        except (ConnectionResetError, BrokenPipeError):
+            pass
         if data:
             self.counts.bad(f"refusal ({name}): got data {data[:20]!r}")
             return "wrong"
