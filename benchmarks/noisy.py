@@ -169,34 +169,47 @@ def pattern(offset: int, size: int) -> bytes:
 
 
 def upload(entry: int, seconds: float, warmup: float, sink: Sink) -> dict[str, float]:
-    """Upload for ``warmup + seconds``; goodput over the last ``seconds``."""
-    end = time.monotonic() + warmup + seconds
-    resets = 0
-    counted_from: tuple[float, int] | None = None
-    while time.monotonic() < end:
-        try:
-            s = socket.create_connection(("127.0.0.1", entry), timeout=5)
-        except OSError:
-            time.sleep(0.2)
-            continue
-        offset = 0
-        try:
-            s.settimeout(30.0)  # a stream stuck that long counts as dead
-            while time.monotonic() < end:
-                if counted_from is None and time.monotonic() >= end - seconds:
-                    with sink.lock:
-                        counted_from = (time.monotonic(), sink.received)
-                chunk = pattern(offset, 1024)
-                s.sendall(chunk)
-                offset += len(chunk)
-        except OSError:
-            resets += 1
-        finally:
-            s.close()
+    """Upload for ``warmup + seconds`` (reconnecting after a reset); goodput over
+    the last ``seconds``, sampled at the sink."""
+    stop = threading.Event()
+    resets = [0]
+
+    def sender() -> None:
+        while not stop.is_set():
+            try:
+                s = socket.create_connection(("127.0.0.1", entry), timeout=5)
+            except OSError:
+                time.sleep(0.2)
+                continue
+            offset = 0
+            try:
+                s.settimeout(1.0)
+                while not stop.is_set():
+                    chunk = pattern(offset, 1024)
+                    sent = 0
+                    while sent < len(chunk) and not stop.is_set():
+                        try:
+                            sent += s.send(chunk[sent:])
+                        except TimeoutError:
+                            continue
+                    offset += sent
+            except OSError:
+                if not stop.is_set():
+                    resets[0] += 1
+            finally:
+                s.close()
+
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+    time.sleep(warmup)
     with sink.lock:
-        now, received = time.monotonic(), sink.received
-    start_t, start_n = counted_from or (now, received)
-    return {"goodput": (received - start_n) / max(now - start_t, 1e-9), "resets": resets}
+        start_t, start_n = time.monotonic(), sink.received
+    time.sleep(seconds)
+    with sink.lock:
+        end_t, end_n = time.monotonic(), sink.received
+    stop.set()
+    thread.join(5)
+    return {"goodput": (end_n - start_n) / (end_t - start_t), "resets": resets[0]}
 
 
 def run_case(mode: str, one_in: int, rate: float, seconds: float, warmup: float) -> dict:
