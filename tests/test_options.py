@@ -211,7 +211,8 @@ EXACT: list[tuple[list[str], str]] = [
     ([], f"--channel is required (expected one of {KINDS})"),
     (
         ["-c", "unix-connect:/a", "--channel", "serial:/dev/ttyS0"],
-        "--channel given 2 times ('unix-connect:/a' and 'serial:/dev/ttyS0'): expected exactly one",
+        "--channel given 2 times ('unix-connect:/a' and 'serial:/dev/ttyS0'): "
+        "with several channels each needs a label, e.g. vm1=SPEC",
     ),
     (
         [*CHAN, "-o", "x:127.0.0.1:80", "-o", "x:127.0.0.1:81"],
