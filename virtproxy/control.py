@@ -14,8 +14,9 @@ from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from virtproxy.errors import ConfigError
 
@@ -166,6 +167,14 @@ class ControlProtocol(amp.AMP):
     def __init__(self, runtime: Any) -> None:
         super().__init__()
         self.runtime = runtime
+
+    # AMP logs every connection; a ctl poll loop would flood the daemon's log.
+    def makeConnection(self, transport: Any) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
 
     @ListStreams.responder
     def list_streams(self, after: str) -> dict[str, Any]:

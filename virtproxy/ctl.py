@@ -30,8 +30,30 @@ class _Verb(usage.Options):
         super().__init__()
         self.args: list[str] = []
 
+    #: Options of this verb that take a value (the next word).
+    valued: ClassVar[frozenset[str]] = frozenset()
+
     def getSynopsis(self) -> str:
         return " ".join(self.positional)
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Options may follow the arguments (``streams --json``, ``remove-oforward
+        ssh --kill``): move them first, as getopt wants them."""
+        words = list(options or ())
+        flags: list[str] = []
+        rest: list[str] = []
+        while words:
+            word = words.pop(0)
+            if word == "--":
+                rest += words
+                break
+            if word.startswith("-") and len(word) > 1:
+                flags.append(word)
+                if word in self.valued and words:
+                    flags.append(words.pop(0))
+            else:
+                rest.append(word)
+        super().parseOptions([*flags, "--", *rest] if rest else flags)
 
     def parseArgs(self, *args: str) -> None:
         required = [p for p in self.positional if not p.startswith("[")]
@@ -69,6 +91,7 @@ class _List(_Verb):
 
 class _AddChannel(_Verb):
     positional = ("LABEL", "SPEC")
+    valued = frozenset({"-o", "--oforward", "-i", "--iforward", "-R", "--rforward"})
 
     def __init__(self) -> None:
         super().__init__()

@@ -112,8 +112,12 @@ class Runtime(MultiService):
         return super().stopService()
 
     def _install_sighup(self) -> None:
+        def reload_logged() -> None:
+            # reload() logs its own outcome; a failure has nobody else to tell.
+            self.reload().addErrback(lambda failure: None)
+
         def on_hup(signum: int, frame: object) -> None:
-            self.reactor.callFromThread(self.reload)
+            self.reactor.callFromThread(reload_logged)
 
         self._sighup = signal.signal(signal.SIGHUP, on_hup)
 
