@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from twisted.python import usage
 
@@ -20,10 +20,23 @@ from twisted.python import usage
 CONTROL_ENV = "VIRTPROXY_CONTROL"
 
 
+def _version() -> NoReturn:
+    from virtproxy import __version__
+
+    print(f"virtproxy {__version__}")
+    sys.exit(0)
+
+
 class _Verb(usage.Options):
     """One verb; ``positional`` names its arguments (``?`` marks an optional CHANNEL)."""
 
     positional: ClassVar[tuple[str, ...]] = ()
+    longdesc = ""
+
+    def opt_version(self) -> NoReturn:
+        """Display virtproxy's version and exit."""
+        _version()
+
     optFlags: ClassVar[list[list[str | None]]] = [["json", "j", "Print JSON instead of a table."]]
 
     def __init__(self) -> None:
@@ -142,6 +155,11 @@ class CtlOptions(usage.Options):
     ]
     optFlags: ClassVar[list[list[str | None]]] = [["json", "j", "Print JSON instead of a table."]]
     subCommands: ClassVar = VERBS
+    longdesc = "Talk to a running daemon's --control socket; see README, Operating."
+
+    def opt_version(self) -> NoReturn:
+        """Display virtproxy's version and exit."""
+        _version()
 
     def getSynopsis(self) -> str:
         return "virtproxy ctl [--control PATH] VERB [ARGS] [--json]"
