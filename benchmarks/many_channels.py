@@ -135,7 +135,7 @@ def main() -> None:
     procs = []
     try:
         for name in ("host", "guest"):
-            log = open(os.path.join(tmp, f"{name}.log"), "wb")
+            log = open(os.path.join(tmp, f"{name}.log"), "wb")  # noqa: SIM115 (the child keeps it)
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "virtproxy", "--config", f"{tmp}/{name}.toml"],
@@ -159,7 +159,7 @@ def main() -> None:
                 break
             assert time.monotonic() < deadline, f"only {up} of {n} sessions up"
             time.sleep(0.5)
-        rss0, cpu0 = proc_usage(host)
+        _, cpu0 = proc_usage(host)
         time.sleep(args.idle)
         rss1, cpu1 = proc_usage(host)
         report = {
@@ -181,7 +181,7 @@ def main() -> None:
             assert s.recv(1) == b"x"
         streams = ctl(control, "streams")
         assert len(streams) == n * per, len(streams)  # type: ignore[arg-type]
-        rss2, cpu2 = proc_usage(host)
+        _, cpu2 = proc_usage(host)
         time.sleep(args.idle)
         rss3, cpu3 = proc_usage(host)
         report["rss_kib_streams_open"] = rss3
