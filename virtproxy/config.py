@@ -158,3 +158,6 @@ class ProcessConfig:
     cli_channels: tuple[str, ...] = ()
     #: The command line's part of ``allow_remote_listen`` (kept across reloads).
     cli_allow: tuple[ListenAllowance, ...] = ()
+    #: The command line's limits: for ``ctl add-channel``, and the base of the
+    #: config file's ``[limits]`` on every reload.
+    limits: Limits = field(default_factory=Limits)

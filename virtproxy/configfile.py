@@ -292,4 +292,5 @@ def merge(cli: ProcessConfig, file: ProcessConfig) -> ProcessConfig:
         allow_remote_listen=cli.allow_remote_listen + file.allow_remote_listen,
         cli_channels=cli.cli_channels,
         cli_allow=cli.cli_allow,
+        limits=cli.limits,
     )

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from virtproxy.channel import Channel
-from virtproxy.config import DaemonConfig, ForwardSpec, Limits, ProcessConfig, RemoteForwardSpec
+from virtproxy.config import DaemonConfig, ForwardSpec, ProcessConfig, RemoteForwardSpec
 from virtproxy.errors import ConfigError, StartupError
 from virtproxy.remote import RemoteForwardClient, RemoteListener, RemoteListenPolicy
 from virtproxy.service import ChannelService, ListenService, make_service, oforward_service
@@ -74,7 +74,7 @@ class Runtime(MultiService):
         self.from_file: dict[str, DaemonConfig] = {
             c.name: c for c in process.channels if c.name not in process.cli_channels
         }
-        self.default_limits = process.channels[0].limits if process.channels else Limits()
+        self.default_limits = process.limits
         self._sighup: Any = None
 
     # ----------------------------------------------------------------- lifecycle

@@ -107,6 +107,7 @@ def metrics_service(runtime: Any, description: str) -> Any:
 
     site = Site(MetricsResource(make_registry(runtime)))
     site.noisy = False
+    site.log = lambda request: None  # type: ignore[method-assign]  # no access log per scrape
     return ListenService(
         serverFromString(runtime.reactor, description),
         site,  # type: ignore[arg-type]

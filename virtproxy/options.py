@@ -699,6 +699,7 @@ class Options(usage.Options):
             allow_remote_listen=allow,
             cli_channels=tuple(c.name for c in channels),
             cli_allow=allow,
+            limits=limits,
         )
         if config_file is not None:
             from virtproxy.configfile import load_config_file, merge

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 
 from virtproxy.channel import REMOTE_SERVICE, Channel, StreamEnd
 from virtproxy.config import ListenAllowance, RemoteForwardSpec
-from virtproxy.frames import describe_reason
+from virtproxy.frames import Reason, describe_reason
 from virtproxy.options import FORWARD_BACKLOG, NAME_RE, RESERVED_PREFIX, quote_endpoint_arg
 
 REQUEST_MAGIC = b"VPRF"
@@ -340,12 +340,13 @@ class RemoteForwardClient:
             self.channel.local_lost(stream_id, "remote forward removed")
         self.state = "removed"
 
-    def _again(self, state: str) -> None:
+    def _again(self, state: str, delay: float | None = None) -> None:
         self.stream_id = None
         if self._stopped:
             return
         self.state = state
-        delay, self._delay = self._delay, min(RETRY_MAX, self._delay * 2)
+        if delay is None:
+            delay, self._delay = self._delay, min(RETRY_MAX, self._delay * 2)
         if self._retry is None or not self._retry.active():
             self._retry = self.channel.reactor.callLater(delay, self.start)
 
@@ -423,4 +424,9 @@ class RemoteForwardClient:
         self._again(f"down ({why})")
 
     def stream_rejected(self, reason: int, message: str) -> None:
+        if reason == Reason.TIMEOUT and not self.channel.session.is_up:
+            # Our open waited for a session that has not come up yet: wait on
+            # at once, so the request goes out with the next session's first frames.
+            self._again("waiting for a session", delay=0.0)
+            return
         self._again(f"rejected: {describe_reason(reason, message)}")

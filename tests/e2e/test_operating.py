@@ -296,6 +296,13 @@ def test_remote_forward_asked_by_the_host(pair, backends, short_dir):
     (row,) = [f for f in ctl_json(control, "forwards") if f["kind"] == "rforward"]
     assert (row["name"], row["state"]) == (f"{LOOPBACK}:{rport}", "listening")
 
+    # The guest restarts (a reboot): the host asks again in the new session.
+    p.guest.kill()
+    p.guest.restart()
+    p.guest.wait_for("listening for remote forward 'web'")
+    with connect(rport) as s:
+        echo_once(s, b"after the guest restarted")
+
     # Withdrawn by the host: the guest stops listening.
     ctl(control, "remove-rforward", f"{LOOPBACK}:{rport}")
     p.guest.wait_for("remote forward 'web' on")
