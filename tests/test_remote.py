@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virtproxy.config import ListenAllowance
+from virtproxy.config import ListenAllowance, RemoteForwardSpec
 from virtproxy.remote import (
     LISTEN_FAILED,
     MAX_REQUEST,
     NOT_ALLOWED,
     OK,
     MalformedError,
+    RemoteForwardClient,
+    RemoteListenPolicy,
     Request,
     decode_answer,
     decode_request,
@@ -94,3 +98,57 @@ def test_allowance_matches_address_and_port_exactly() -> None:
     assert any_port.allows("127.0.0.1", 1) and any_port.allows("127.0.0.1", 65535)
     assert not any_port.allows("127.0.0.2", 80)
     assert one_port.allows("::1", 8080) and not one_port.allows("::1", 8081)
+
+
+# --------------------------------------------------------------------------- over a channel pair
+
+
+def _world_with_policy(*allow: ListenAllowance) -> tuple[Any, RemoteListenPolicy]:
+    from tests.test_protocol import make_world
+
+    world = make_world()
+    policy = RemoteListenPolicy(world.clock, allow)
+    world.b.remote_handler = policy.handler
+    return world, policy
+
+
+SPEC = RemoteForwardSpec("echo", "127.0.0.1", 8080, "echo:127.0.0.1:8080")
+
+
+def test_granted_request_listens_until_withdrawn() -> None:
+    world, policy = _world_with_policy(ListenAllowance("127.0.0.1", None, "127.0.0.1"))
+    client = RemoteForwardClient(world.a, SPEC)
+    client.start()
+    world.pipe.pump()
+    assert client.state == "listening"
+    port, factory, _backlog, interface = world.clock.tcpServers[-1]
+    assert (port, interface) == (8080, "127.0.0.1")
+    assert factory.channel is world.b and factory.service == "echo"
+    (listener,) = policy.listeners.values()
+    assert listener.port is not None
+
+    client.stop()
+    world.pipe.pump()
+    assert policy.listeners == {} and listener.port is None
+    assert world.a.session.streams == {} and world.b.session.streams == {}
+
+
+def test_address_not_on_the_list_is_refused() -> None:
+    world, policy = _world_with_policy(ListenAllowance("127.0.0.1", 9000, "127.0.0.1:9000"))
+    client = RemoteForwardClient(world.a, SPEC)
+    client.start()
+    world.pipe.pump()
+    assert client.state.startswith("refused: not allowed: 127.0.0.1:8080 is not in")
+    assert world.clock.tcpServers == [] and policy.listeners == {}
+    assert world.b.session.streams == {}  # answered, then EOF both ways
+
+
+def test_no_allowance_refuses_the_open_and_the_requester_retries() -> None:
+    world, _ = _world_with_policy()
+    client = RemoteForwardClient(world.a, SPEC)
+    client.start()
+    world.pipe.pump()
+    assert client.state == "rejected: no service: remote forwards not allowed"
+    assert world.clock.tcpServers == []
+    world.pipe.advance(1.5)  # the first retry comes after 1 s
+    assert client.state.startswith("rejected") and client._delay == 4.0
