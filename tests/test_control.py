@@ -3,6 +3,7 @@ MemoryReactorClock (no sockets), paging, refusals, and the ctl options."""
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import pytest
@@ -203,3 +204,50 @@ def test_ctl_arguments_in_any_order() -> None:
     assert options.subCommand == "ctl" and sub.subCommand == "remove-oforward"
     assert sub.subOptions.args == ["", "ssh"]
     assert sub.subOptions["kill"] and sub.as_json
+
+
+def test_reload_applies_the_diff(tmp_path: Any) -> None:
+    before = signal.getsignal(signal.SIGHUP)
+    conf = tmp_path / "vp.toml"
+    base = "[channels.a]\nchannel = 'tcp-listen:127.0.0.1:7101'\n"
+    conf.write_text(
+        base
+        + "oforwards = { x = '127.0.0.1:9101' }\n"
+        + "[channels.b]\nchannel = 'tcp-listen:127.0.0.1:7102'\n"
+    )
+    rt, _ = runtime("--config", str(conf))
+    a, b = rt.channels["a"].channel, rt.channels["b"].channel
+    a.session.open_stream("x", 0.0)  # a live stream of the forward that moves
+
+    conf.write_text(
+        base
+        + "oforwards = { x = '127.0.0.1:9201', y = '127.0.0.1:9202' }\n"
+        + "[channels.b]\nchannel = 'tcp-listen:127.0.0.1:7102'\nmax_streams = 7\n"
+        + "[channels.c]\nchannel = 'tcp-connect:127.0.0.1:7103'\n"
+    )
+    outcome: list[Any] = []
+    rt.reload().addBoth(outcome.append)
+    (summary,) = outcome
+    assert "oforward 'x:127.0.0.1:9201' added" in summary and "channel 'c' added" in summary
+    assert "channel 'b' added (restarted: spec or limits changed)" in summary
+    assert rt.channels["a"].channel is a and len(a.session.streams) == 1  # kept
+    assert set(rt.channels["a"].oforwards) == {"x", "y"}
+    assert rt.channels["b"].channel is not b  # new limits need a new session
+    assert rt.channels["b"].channel.session.config.max_streams == 7
+    assert sorted(rt.channels) == ["a", "b", "c"]
+
+    conf.write_text("[channels.a]\nchannel = 5\n")
+    rt.reload().addBoth(outcome.append)
+    failure = outcome[-1]
+    assert isinstance(failure, Failure)
+    assert str(failure.value) == f"{conf}:2: channels.a.channel: expected a string, got an integer"
+    assert sorted(rt.channels) == ["a", "b", "c"]  # nothing changed
+
+    conf.write_text(base)
+    rt.reload().addBoth(outcome.append)
+    assert sorted(rt.channels) == ["a"] and set(rt.channels["a"].oforwards) == set()
+    assert len(a.session.streams) == 1
+
+    assert signal.getsignal(signal.SIGHUP) is not before
+    rt.stopService()
+    assert signal.getsignal(signal.SIGHUP) is before  # the process's handler is back
