@@ -193,7 +193,9 @@ def run_ctl(options: CtlOptions) -> int:
         reactor.stop()
 
     def start() -> None:
-        ensureDeferred(_run(reactor, options)).addBoth(finish)
+        d = ensureDeferred(_run(reactor, options))
+        d.addTimeout(ANSWER_TIMEOUT, reactor, onTimeoutCancel=_no_answer)
+        d.addBoth(finish)
 
     reactor.callWhenRunning(start)
     reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
@@ -215,6 +217,14 @@ def run_ctl(options: CtlOptions) -> int:
 
 class _Unreachable(Exception):
     pass
+
+
+#: Seconds ctl waits for the daemon before giving up (a wedged daemon must not hang scripts).
+ANSWER_TIMEOUT = 60.0
+
+
+def _no_answer(result: Any, timeout: float) -> Any:
+    raise _Unreachable(f"no answer from the daemon within {timeout:g} s")
 
 
 async def _run(reactor: Any, options: CtlOptions) -> None:
