@@ -133,6 +133,27 @@ def test_ctl_adds_and_removes_forwards_while_streams_live(pair, backends, short_
     wait_until(lambda: ctl_json(control, "streams") == [], "the stream list to empty")
 
 
+def test_removing_an_iforward_refuses_new_streams_and_keeps_live_ones(pair, backends, short_dir):
+    echo = backends(EchoServer)
+    gcontrol = short_dir / "guest.sock"
+    port = free_port()
+    p = pair(
+        host_o=[f"echo:{LOOPBACK}:{port}"],
+        guest_i=[f"echo:{echo.addr}"],
+        guest_args=["--control", str(gcontrol)],
+    )
+    p.guest.wait_for("listening for control socket")
+    live = connect(port)
+    echo_once(live, b"before")
+    out = ctl(gcontrol, "remove-iforward", "echo").stdout
+    assert "iforward 'echo' removed" in out and "1 live streams continue" in out
+    how, _, _ = open_until_closed(port, 10, send=b"new")
+    assert how == "reset"  # the guest now refuses the service
+    p.host.wait_for("no service 'echo'")
+    echo_once(live, b"the live stream goes on")
+    live.close()
+
+
 def test_ctl_status_and_errors(pair, short_dir):
     control = short_dir / "h.sock"
     p = pair(host_args=["--control", str(control)])
