@@ -70,7 +70,9 @@ class NoisyRelay:
 
     def stop(self) -> None:
         self._stop.set()
-        self._server.close()
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.close()
 
     def _accept(self) -> None:
         rng = random.Random(self.seed)
