@@ -222,25 +222,20 @@ def run_case(mode: str, one_in: int, rate: float, seconds: float, warmup: float)
     logdir = tempfile.mkdtemp(prefix="vp-noisy-")
     procs: list[subprocess.Popen[bytes]] = []
     relay = NoisyRelay(hop, channel, rate, one_in)
+
+    def daemon(name: str, *argv: str) -> subprocess.Popen[bytes]:
+        with open(os.path.join(logdir, f"{name}.log"), "wb") as log:
+            proc = subprocess.Popen([*vp, *argv], env=env, stderr=log, stdout=log)
+        procs.append(proc)
+        return proc
+
     try:
-        with open(os.path.join(logdir, "host.log"), "wb") as log:
-            host = subprocess.Popen(
-                [*vp, "-c", f"tcp-listen:127.0.0.1:{channel}", "-o", f"up:127.0.0.1:{entry}"],
-                env=env,
-                stderr=log,
-                stdout=log,
-            )
-        procs.append(host)
+        host = daemon(
+            "host", "-c", f"tcp-listen:127.0.0.1:{channel}", "-o", f"up:127.0.0.1:{entry}"
+        )
         wait_listening(channel, host)
         relay.start()
-        with open(os.path.join(logdir, "guest.log"), "wb") as log:
-            guest = subprocess.Popen(
-                [*vp, "-c", f"tcp-connect:127.0.0.1:{hop}", "-i", f"up:127.0.0.1:{sink.port}"],
-                env=env,
-                stderr=log,
-                stdout=log,
-            )
-        procs.append(guest)
+        daemon("guest", "-c", f"tcp-connect:127.0.0.1:{hop}", "-i", f"up:127.0.0.1:{sink.port}")
         wait_listening(entry, host)
         time.sleep(1.0)  # the handshake, over a slow line
         result = upload(entry, seconds, warmup, sink)
