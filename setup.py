@@ -30,7 +30,7 @@ setup(
     packages=["virtproxy", "twisted.plugins"],
     # build_py copies only the .py modules found there: no __init__.py exists
     # to copy, and no stale dropin.cache is shipped.
-    install_requires=["twisted>=26.1", "pyserial>=3.5,<4"],
+    install_requires=["twisted>=26.1", "pyserial>=3.5,<4", "prometheus-client>=0.20"],
     extras_require={
         "test": [
             "pytest>=9",

@@ -70,7 +70,9 @@ class NoisyRelay:
 
     def stop(self) -> None:
         self._stop.set()
-        self._server.close()
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.close()
 
     def _accept(self) -> None:
         rng = random.Random(self.seed)
@@ -169,34 +171,47 @@ def pattern(offset: int, size: int) -> bytes:
 
 
 def upload(entry: int, seconds: float, warmup: float, sink: Sink) -> dict[str, float]:
-    """Upload for ``warmup + seconds``; goodput over the last ``seconds``."""
-    end = time.monotonic() + warmup + seconds
-    resets = 0
-    counted_from: tuple[float, int] | None = None
-    while time.monotonic() < end:
-        try:
-            s = socket.create_connection(("127.0.0.1", entry), timeout=5)
-        except OSError:
-            time.sleep(0.2)
-            continue
-        offset = 0
-        try:
-            s.settimeout(30.0)  # a stream stuck that long counts as dead
-            while time.monotonic() < end:
-                if counted_from is None and time.monotonic() >= end - seconds:
-                    with sink.lock:
-                        counted_from = (time.monotonic(), sink.received)
-                chunk = pattern(offset, 1024)
-                s.sendall(chunk)
-                offset += len(chunk)
-        except OSError:
-            resets += 1
-        finally:
-            s.close()
+    """Upload for ``warmup + seconds`` (reconnecting after a reset); goodput over
+    the last ``seconds``, sampled at the sink."""
+    stop = threading.Event()
+    resets = [0]
+
+    def sender() -> None:
+        while not stop.is_set():
+            try:
+                s = socket.create_connection(("127.0.0.1", entry), timeout=5)
+            except OSError:
+                time.sleep(0.2)
+                continue
+            offset = 0
+            try:
+                s.settimeout(1.0)
+                while not stop.is_set():
+                    chunk = pattern(offset, 1024)
+                    sent = 0
+                    while sent < len(chunk) and not stop.is_set():
+                        try:
+                            sent += s.send(chunk[sent:])
+                        except TimeoutError:
+                            continue
+                    offset += sent
+            except OSError:
+                if not stop.is_set():
+                    resets[0] += 1
+            finally:
+                s.close()
+
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+    time.sleep(warmup)
     with sink.lock:
-        now, received = time.monotonic(), sink.received
-    start_t, start_n = counted_from or (now, received)
-    return {"goodput": (received - start_n) / max(now - start_t, 1e-9), "resets": resets}
+        start_t, start_n = time.monotonic(), sink.received
+    time.sleep(seconds)
+    with sink.lock:
+        end_t, end_n = time.monotonic(), sink.received
+    stop.set()
+    thread.join(5)
+    return {"goodput": (end_n - start_n) / (end_t - start_t), "resets": resets[0]}
 
 
 def run_case(mode: str, one_in: int, rate: float, seconds: float, warmup: float) -> dict:
@@ -207,25 +222,20 @@ def run_case(mode: str, one_in: int, rate: float, seconds: float, warmup: float)
     logdir = tempfile.mkdtemp(prefix="vp-noisy-")
     procs: list[subprocess.Popen[bytes]] = []
     relay = NoisyRelay(hop, channel, rate, one_in)
+
+    def daemon(name: str, *argv: str) -> subprocess.Popen[bytes]:
+        with open(os.path.join(logdir, f"{name}.log"), "wb") as log:
+            proc = subprocess.Popen([*vp, *argv], env=env, stderr=log, stdout=log)
+        procs.append(proc)
+        return proc
+
     try:
-        with open(os.path.join(logdir, "host.log"), "wb") as log:
-            host = subprocess.Popen(
-                [*vp, "-c", f"tcp-listen:127.0.0.1:{channel}", "-o", f"up:127.0.0.1:{entry}"],
-                env=env,
-                stderr=log,
-                stdout=log,
-            )
-        procs.append(host)
+        host = daemon(
+            "host", "-c", f"tcp-listen:127.0.0.1:{channel}", "-o", f"up:127.0.0.1:{entry}"
+        )
         wait_listening(channel, host)
         relay.start()
-        with open(os.path.join(logdir, "guest.log"), "wb") as log:
-            guest = subprocess.Popen(
-                [*vp, "-c", f"tcp-connect:127.0.0.1:{hop}", "-i", f"up:127.0.0.1:{sink.port}"],
-                env=env,
-                stderr=log,
-                stdout=log,
-            )
-        procs.append(guest)
+        daemon("guest", "-c", f"tcp-connect:127.0.0.1:{hop}", "-i", f"up:127.0.0.1:{sink.port}")
         wait_listening(entry, host)
         time.sleep(1.0)  # the handshake, over a slow line
         result = upload(entry, seconds, warmup, sink)

@@ -211,7 +211,8 @@ EXACT: list[tuple[list[str], str]] = [
     ([], f"--channel is required (expected one of {KINDS})"),
     (
         ["-c", "unix-connect:/a", "--channel", "serial:/dev/ttyS0"],
-        "--channel given 2 times ('unix-connect:/a' and 'serial:/dev/ttyS0'): expected exactly one",
+        "--channel given 2 times ('unix-connect:/a' and 'serial:/dev/ttyS0'): "
+        "with several channels each needs a label, e.g. vm1=SPEC",
     ),
     (
         [*CHAN, "-o", "x:127.0.0.1:80", "-o", "x:127.0.0.1:81"],
@@ -523,3 +524,80 @@ def test_hostile_peer_limits_reach_the_session_config() -> None:
 def test_bad_limits_are_one_line_errors(argv: list[str], fragment: str) -> None:
     message = error(*CHAN, *argv)
     assert fragment in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------- several channels
+
+
+def process(*argv: str) -> Any:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options.process
+
+
+def test_labelled_channels_and_their_forwards() -> None:
+    config = process(
+        "-c",
+        "vm1=unix-connect:/run/vm1.sock",
+        "--channel",
+        "vm2=tcp-listen:127.0.0.1:4000",
+        "-o",
+        "vm1/ssh:127.0.0.1:9022",
+        "-o",
+        "vm2/ssh:127.0.0.1:9122",
+        "-i",
+        "vm2/web=tcp:host=127.0.0.1:port=80",
+        "-R",
+        "vm2/web:127.0.0.1:8080",
+        "--allow-remote-listen",
+        "[::1]:22",
+    )
+    vm1, vm2 = config.channels
+    assert (vm1.label, vm1.channel.endpoint) == ("vm1", "unix:path=/run/vm1.sock")
+    assert [f.endpoint for f in vm1.oforwards] == ["tcp:9022:interface=127.0.0.1:backlog=128"]
+    assert [f.name for f in vm2.oforwards] == ["ssh"] and [f.name for f in vm2.iforwards] == ["web"]
+    assert [(r.name, r.host, r.port) for r in vm2.rforwards] == [("web", "127.0.0.1", 8080)]
+    assert [(a.host, a.port) for a in config.allow_remote_listen] == [("::1", 22)]
+    assert config.cli_channels == ("vm1", "vm2")
+
+
+def test_one_unlabelled_channel_is_default() -> None:
+    config = process(*CHAN, "-o", "ssh:127.0.0.1:22", "-o", "default/web:127.0.0.1:80")
+    (only,) = config.channels
+    assert only.label == "" and only.name == "default"
+    assert [f.name for f in only.oforwards] == ["ssh", "web"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            [
+                "-c",
+                "a=tcp-listen:127.0.0.1:1",
+                "-c",
+                "b=tcp-listen:127.0.0.1:2",
+                "-o",
+                "s:1.2.3.4:5",
+            ],
+            "several channels: prefix the channel label, e.g. a/s:1.2.3.4:5",
+        ),
+        (["-c", "a=tcp-listen:127.0.0.1:1", "-o", "z/s:1.2.3.4:5"], "no --channel labelled 'z'"),
+        (
+            ["-c", "a=tcp-listen:127.0.0.1:1", "-c", "a=tcp-listen:127.0.0.1:2"],
+            "duplicate label 'a'",
+        ),
+        (["-c", "-x=tcp-listen:127.0.0.1:1"], "invalid channel label '-x'"),
+        ([*CHAN, "-o", "..rforward:127.0.0.1:1"], "names starting with '..' are reserved"),
+        ([*CHAN, "-R", "web:localhost:80"], "an IP address is required"),
+        ([*CHAN, "-R", "web:127.0.0.1"], "missing port"),
+        ([*CHAN, "--allow-remote-listen", "127.0.0.1:0"], "port 0 out of range"),
+        ([*CHAN, "--metrics", "127.0.0.1"], "--metrics '127.0.0.1'"),
+        (["-o", "s:1.2.3.4:5", "--control", "/x"], "forwards given without --channel"),
+    ],
+)
+def test_several_channel_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(usage.UsageError) as info:
+        process(*argv)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)

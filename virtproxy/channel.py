@@ -9,8 +9,8 @@ process; nothing here is global.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectingCancelledError, TimeoutError
@@ -27,8 +27,28 @@ from virtproxy.frames import Reason, describe_reason
 from virtproxy.session import Session, SessionConfig
 
 if TYPE_CHECKING:
-    from virtproxy.factories import ProxyProtocol
     from virtproxy.protocol import VPChannelProtocol
+
+#: Streams for this service name carry remote-forward requests
+#: (docs/protocol.rst, "Remote forwards"); users cannot configure a NAME
+#: starting with "..", so it never collides with an iforward.
+REMOTE_SERVICE = "..rforward"
+
+
+class StreamEnd(Protocol):
+    """The local end of one stream: a socket (ProxyProtocol) or an in-process
+    handler such as a remote-forward request."""
+
+    service: str
+
+    def deliver(self, data: bytes) -> None: ...
+    def resume_reading(self) -> None: ...
+    def end_of_data(self) -> None: ...
+    def stream_opened(self) -> None: ...
+    def stream_closed(self) -> None: ...
+    def stream_reset(self, why: str) -> None: ...
+    def stream_rejected(self, reason: int, message: str) -> None: ...
+    def describe_peer(self) -> str: ...
 
 
 #: Session counters that tell of a noisy or hostile channel (logged when they change).
@@ -70,7 +90,14 @@ class Channel:
         #: channel reconnects and a listen channel frees its one slot.
         self.drop_on_silence = drop_on_silence
         self.protocol: VPChannelProtocol | None = None
-        self._locals: dict[int, ProxyProtocol] = {}
+        #: When the channel object was made, and when its session came up.
+        self.started_at = reactor.seconds() if hasattr(reactor, "seconds") else 0.0
+        self.up_since: float | None = None
+        #: When each live stream was opened (for ``virtproxy ctl streams``).
+        self.opened_at: dict[int, float] = {}
+        #: Called for a peer's stream to REMOTE_SERVICE; None refuses them.
+        self.remote_handler: Callable[[Channel, int], StreamEnd | None] | None = None
+        self._locals: dict[int, StreamEnd] = {}
         self._connecting: dict[int, Deferred[Any]] = {}
         self._timer: IDelayedCall | None = None
         self._pumping = False
@@ -124,8 +151,27 @@ class Channel:
 
     # -------------------------------------------------------------- stream side
 
-    def open_stream(self, service: str, local: ProxyProtocol) -> int:
+    def local(self, stream_id: int) -> StreamEnd | None:
+        """The local end of a stream, if it has one yet."""
+        return self._locals.get(stream_id)
+
+    def end_streams(self, service: str, ours: bool, why: str) -> int:
+        """Reset every live stream of ``service`` opened by us (``ours``: an
+        oforward's) or by the peer (an iforward's); returns how many."""
+        ended = 0
+        for stream in list(self.session.streams.values()):
+            if stream.service != service or stream.ours != ours:
+                continue
+            self._abort_stream(stream.key, Reason.ABORTED, why, by_peer=False)
+            self.session.reset(stream.key, Reason.ABORTED, why)
+            self.opened_at.pop(stream.key, None)
+            ended += 1
+        self.pump()
+        return ended
+
+    def open_stream(self, service: str, local: StreamEnd) -> int:
         stream_id = self.session.open_stream(service, self.reactor.seconds())
+        self.opened_at[stream_id] = self.reactor.seconds()
         self._locals[stream_id] = local
         self.pump()
         return stream_id
@@ -154,7 +200,7 @@ class Channel:
         """A local socket closed after EOF both ways; the session ends the stream itself."""
         self._locals.pop(stream_id, None)
 
-    def connected(self, stream_id: int, local: ProxyProtocol) -> bool:
+    def connected(self, stream_id: int, local: StreamEnd) -> bool:
         """An iforward connect for the peer's stream completed."""
         self._connecting.pop(stream_id, None)
         if self.session.stream_info(stream_id) is None:
@@ -249,12 +295,14 @@ class Channel:
             if local is not None:
                 local.end_of_data()
         elif isinstance(event, ev.StreamClosed):
+            self.opened_at.pop(event.stream_id, None)
             local = self._locals.pop(event.stream_id, None)
             if local is not None:
                 local.stream_closed()
         elif isinstance(event, ev.StreamReset):
             self._abort_stream(event.stream_id, event.reason, event.message, event.by_peer)
         elif isinstance(event, ev.StreamRejected):
+            self.opened_at.pop(event.stream_id, None)
             local = self._locals.pop(event.stream_id, None)
             if local is not None:
                 local.stream_rejected(event.reason, event.message)
@@ -265,6 +313,7 @@ class Channel:
         elif isinstance(event, ev.StreamRequested):
             self._on_stream_requested(event.stream_id, event.service)
         elif isinstance(event, ev.SessionUp):
+            self.up_since = self.reactor.seconds()
             self.log.info(
                 "{label}: session up with peer {peer:016x} (max frame {frame}, window {window})",
                 label=self.label,
@@ -276,6 +325,7 @@ class Channel:
             self.log.info("{label}: {message}", label=self.label, message=event.message)
         elif isinstance(event, ev.SessionEnded):
             self.log_counters()
+            self.up_since = None
             self.log.info(
                 "{label}: session ended with peer {peer:016x}: {reason}",
                 label=self.label,
@@ -288,6 +338,7 @@ class Channel:
                     transport.abortConnection()  # type: ignore[attr-defined]
 
     def _abort_stream(self, stream_id: int, reason: int, message: str, by_peer: bool) -> None:
+        self.opened_at.pop(stream_id, None)
         connecting = self._connecting.pop(stream_id, None)
         if connecting is not None:
             connecting.cancel()
@@ -297,6 +348,10 @@ class Channel:
             local.stream_reset(f"reset ({who}): {describe_reason(reason, message)}")
 
     def _on_stream_requested(self, stream_id: int, service: str) -> None:
+        self.opened_at[stream_id] = self.reactor.seconds()
+        if service == REMOTE_SERVICE:
+            self._on_remote_request(stream_id)
+            return
         endpoint = self.iforwards.get(service)
         if endpoint is None or self._closing:
             self.log.warn(
@@ -306,6 +361,7 @@ class Channel:
                 service=service,
             )
             self.session.reject(stream_id, Reason.NO_SERVICE, f"no service {service!r}")
+            self.opened_at.pop(stream_id, None)
             return
         from virtproxy.factories import ProxyClientFactory
 
@@ -314,8 +370,27 @@ class Channel:
             self._connecting[stream_id] = deferred
         deferred.addErrback(self._connect_failed, stream_id, service)
 
+    def _on_remote_request(self, stream_id: int) -> None:
+        """The peer asks us to listen for it: only a handler (set when the
+        operator allowed some address) may accept."""
+        handler = None
+        if self.remote_handler is not None and not self._closing:
+            handler = self.remote_handler(self, stream_id)
+        if handler is None:
+            self.log.warn(
+                "{label}: stream {id:#x}: peer asked for a remote forward; refused "
+                "(no --allow-remote-listen)",
+                label=self.label,
+                id=stream_id,
+            )
+            self.session.reject(stream_id, Reason.NO_SERVICE, "remote forwards not allowed")
+            self.opened_at.pop(stream_id, None)
+            return
+        self.connected(stream_id, handler)
+
     def _connect_failed(self, failure: Failure, stream_id: int, service: str) -> None:
         self._connecting.pop(stream_id, None)
+        self.opened_at.pop(stream_id, None)
         if failure.check(ConnectingCancelledError) or self.session.stream_info(stream_id) is None:
             return
         code = Reason.TIMEOUT if failure.check(TimeoutError) else Reason.REFUSED

@@ -29,7 +29,7 @@ from virtproxy.options import format_error, parse_or_exit
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorCore
 
-    from virtproxy.config import DaemonConfig
+    from virtproxy.config import DaemonConfig, ProcessConfig
 
 log = Logger()
 
@@ -47,10 +47,14 @@ def report_error(message: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``virtproxy`` console script; returns the exit status."""
     options = parse_or_exit(sys.argv[1:] if argv is None else argv)
-    return run(options.config)
+    if options.subCommand == "ctl":
+        from virtproxy.ctl import run_ctl
+
+        return run_ctl(options.subOptions)
+    return run(options.process)
 
 
-def run(config: DaemonConfig, reactor: IReactorCore | None = None) -> int:
+def run(config: ProcessConfig | DaemonConfig, reactor: IReactorCore | None = None) -> int:
     """Start the daemon for ``config`` and run the reactor until it stops.
 
     Logging begins only after the service started: events from startup are
@@ -62,11 +66,11 @@ def run(config: DaemonConfig, reactor: IReactorCore | None = None) -> int:
 
         reactor = global_reactor
     assert reactor is not None
-    from virtproxy.service import make_service
+    from virtproxy.service import make_process_service
 
     stop_early_on_signals(reactor)
     try:
-        service = make_service(config, reactor)
+        service = make_process_service(config, reactor)
         service.privilegedStartService()
         service.startService()
     except StartupError as e:
@@ -74,12 +78,21 @@ def run(config: DaemonConfig, reactor: IReactorCore | None = None) -> int:
         return 1
     begin_logging(sys.stderr)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.callWhenRunning(
-        log.info, "virtproxy started; channel {channel}", channel=config.channel.original
-    )
+    reactor.callWhenRunning(log.info, "virtproxy started; {what}", what=describe(config))
     # From here the reactor's own SIGINT/SIGTERM handlers stop it cleanly.
     reactor.run()
     return 0
+
+
+def describe(config: ProcessConfig | DaemonConfig) -> str:
+    """The startup line's summary: the channel, or how many channels."""
+    from virtproxy.config import DaemonConfig
+
+    if isinstance(config, DaemonConfig):
+        return f"channel {config.channel.original}"
+    if len(config.channels) == 1:
+        return f"channel {config.channels[0].channel.original}"
+    return f"{len(config.channels)} channels"
 
 
 def stop_early_on_signals(reactor: IReactorCore) -> None:

@@ -7,7 +7,8 @@ Nothing here touches the reactor, so configs can be built and checked anywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 #: Channel kinds whose Twisted endpoint is a *server* (we wait for the peer).
 LISTEN_KINDS = frozenset({"tcp-listen", "unix-listen"})
@@ -48,7 +49,60 @@ class ForwardSpec:
 
 
 @dataclass(frozen=True)
+class RemoteForwardSpec:
+    """Ask the peer to listen on ``host:port`` (its side) and carry each
+    connection back to our iforward ``name`` (like ``ssh -R``)."""
+
+    name: str
+    host: str
+    port: int
+    original: str
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ListenAllowance:
+    """An address the peer may ask us to listen on; ``port`` None = any port."""
+
+    host: str
+    port: int | None
+    original: str
+
+    def allows(self, host: str, port: int) -> bool:
+        return host == self.host and (self.port is None or self.port == port)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A channel's limits and timers (options, or a config file's tables)."""
+
+    connect_timeout: float = 10.0
+    keepalive_interval: float = 5.0
+    keepalive_timeout: float = 20.0
+    max_frame: int | None = None
+    window: int = 256 * 1024
+    max_streams: int = 1024
+    max_open_rate: int = 1000
+    link: str | None = None
+    max_reset_rate: int = 1000
+    session_window: int | None = None
+    stream_buffer: int = 256 * 1024
+    max_pending: int = 1024
+    max_service_name: int = 64
+
+    def as_fields(self) -> dict[str, Any]:
+        """The same values as keyword arguments (DaemonConfig has a field for each)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
+    """One channel with its forwards and limits (one Session each)."""
+
     channel: ChannelSpec
     oforwards: tuple[ForwardSpec, ...] = ()
     iforwards: tuple[ForwardSpec, ...] = ()
@@ -69,8 +123,9 @@ class DaemonConfig:
     link: str | None = None
     #: Peer RESETs per second (token bucket, bursts of twice that).
     max_reset_rate: int = 1000
-    #: Bytes the peer may have in flight to us over all streams together.
-    session_window: int = 64 * 1024 * 1024
+    #: Bytes the peer may have in flight to us over all streams together;
+    #: None = 64 MiB, or ``window`` if larger.
+    session_window: int | None = None
     #: Bytes queued unsent on one stream before its local socket is paused.
     stream_buffer: int = 256 * 1024
     #: Our local clients waiting for a session or a free stream slot.
@@ -78,3 +133,47 @@ class DaemonConfig:
     #: Longest service name the peer may open.
     max_service_name: int = 64
     extra: dict[str, object] = field(default_factory=dict)
+    #: The channel's label (``--channel vm1=...``); "" for the one unlabelled channel.
+    label: str = ""
+    #: Listeners we ask the peer to open for us (``--rforward``).
+    rforwards: tuple[RemoteForwardSpec, ...] = ()
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits)})
+
+    @property
+    def name(self) -> str:
+        """How ctl, metrics and reloads refer to this channel."""
+        return self.label or DEFAULT_LABEL
+
+    @property
+    def log_label(self) -> str:
+        """Log lines name a labelled channel by label, else by its spec."""
+        return self.label or self.channel.original
+
+
+#: The name of the one unlabelled channel.
+DEFAULT_LABEL = "default"
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """Everything one virtproxy process runs: channels plus process-wide parts."""
+
+    channels: tuple[DaemonConfig, ...] = ()
+    #: UNIX socket path of the control socket (``--control``), or None.
+    control: str | None = None
+    #: Server endpoint description of the Prometheus endpoint, or None.
+    metrics: str | None = None
+    #: The TOML file the channels came from (re-read on SIGHUP), or None.
+    config_file: str | None = None
+    #: Addresses the peer may ask us to listen on (``--allow-remote-listen``).
+    allow_remote_listen: tuple[ListenAllowance, ...] = ()
+    #: The channels given on the command line (kept across reloads).
+    cli_channels: tuple[str, ...] = ()
+    #: The command line's part of ``allow_remote_listen`` (kept across reloads).
+    cli_allow: tuple[ListenAllowance, ...] = ()
+    #: The command line's limits: for ``ctl add-channel``, and the base of the
+    #: config file's ``[limits]`` on every reload.
+    limits: Limits = field(default_factory=Limits)

@@ -29,3 +29,14 @@ class StartupError(VirtproxyError):
     def message(self) -> str:
         """The one-line message, without any prefix."""
         return str(self.args[0])
+
+
+class ConfigError(VirtproxyError):
+    """A configuration (file, reload or control request) is invalid: one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])

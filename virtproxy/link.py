@@ -34,8 +34,8 @@ FLAG_NAK = 0x01
 #: The 4-byte epoch that starts every LINK_DATA payload.
 EPOCH_SIZE = 4
 #: Retransmission timer bounds (seconds); it starts at RTO_INITIAL.
-RTO_MIN = 0.2
-RTO_MAX = 2.0
+RTO_MIN = 1.0
+RTO_MAX = 3.0
 RTO_INITIAL = 1.0
 
 #: Chunk sizes (session bytes): a corrupted byte costs its whole chunk, so the

@@ -24,7 +24,17 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.python import usage
 
 from virtproxy import __version__
-from virtproxy.config import ChannelSpec, DaemonConfig, ForwardSpec
+from virtproxy.config import (
+    DEFAULT_LABEL,
+    ChannelSpec,
+    DaemonConfig,
+    ForwardSpec,
+    Limits,
+    ListenAllowance,
+    ProcessConfig,
+    RemoteForwardSpec,
+)
+from virtproxy.errors import ConfigError
 from virtproxy.session import LINK_MODES
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -63,6 +73,13 @@ UNIX_SOCKET_MODE = "600"
 MAX_UNIX_PATH_BYTES = 107
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+#: Service names starting with ".." are reserved for virtproxy's own streams
+#: (remote-forward requests, docs/protocol.rst); users cannot configure them.
+RESERVED_PREFIX = ".."
+#: A channel label: ``--channel vm1=unix-connect:...``, ``--oforward vm1/ssh:...``.
+CHANNEL_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+RFORWARD_FORM = "NAME:ADDR:PORT (ADDR an IP address on the peer's side)"
+ALLOW_FORM = "ADDR or ADDR:PORT (an IP address; IPv6 in brackets)"
 _LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _DIGITS_RE = re.compile(r"[0-9]+\Z")
 #: ``PATH:-`` or ``PATH:-:ID`` (qemu-vp: port ``-`` means "address is a path").
@@ -76,11 +93,12 @@ MAX_WINDOW = 2**31 - 1
 MAX_STREAMS = 65536
 
 SYNOPSIS_ARGS = (
-    "[options] --channel SPEC [--oforward NAME:ADDR:PORT]... [--iforward NAME:ADDR:PORT]..."
+    "[options] --channel SPEC [--oforward NAME:ADDR:PORT]... [--iforward NAME:ADDR:PORT]...\n"
+    "       virtproxy ctl --control PATH VERB [ARGS] [--json]"
 )
 
 EPILOG = """\
-Channel SPEC (exactly one --channel):
+Channel SPEC (--channel SPEC, or --channel LABEL=SPEC repeated for several):
   tcp-listen:HOST:PORT    wait for the peer on a TCP address
   tcp-connect:HOST:PORT   connect to the peer (reconnecting with backoff)
   unix-listen:PATH        wait for the peer on a UNIX socket (mode 0600)
@@ -101,6 +119,15 @@ Forwards (repeatable; NAME is 1..64 of A-Z a-z 0-9 . _ -):
   -i NAME:PATH:-          the same to a UNIX socket
   -i NAME=CLIENT-ENDPOINT connect to any Twisted client endpoint description
   The same NAME may be used once with -o and once with -i.
+  With several channels, prefix each forward with its channel: -o vm1/ssh:...
+  -R NAME:ADDR:PORT       ask the peer to listen on ADDR:PORT and carry each
+                          connection back to our -i NAME (the peer must allow
+                          it with --allow-remote-listen ADDR[:PORT])
+
+Operating (see README, Operating):
+  --config FILE           channels and forwards from TOML; SIGHUP re-reads it
+  --control PATH          control socket for: virtproxy ctl --control PATH VERB
+  --metrics ADDR:PORT     Prometheus metrics over HTTP
 
 Examples:
   host, QEMU started with
@@ -309,14 +336,98 @@ def parse_forward(spec: str, *, outgoing: bool, connect_timeout: float) -> Forwa
     return ForwardSpec(name=name, endpoint=endpoint, original=spec)
 
 
+def check_name(name: str) -> None:
+    """A user-chosen service NAME: the session's alphabet, minus the reserved prefix."""
+    if not NAME_RE.match(name):
+        raise _Bad(f"invalid NAME {name!r}: 1..64 characters of A-Z a-z 0-9 . _ -")
+    if name.startswith(RESERVED_PREFIX):
+        raise _Bad(f"invalid NAME {name!r}: names starting with '..' are reserved")
+
+
+def split_label(spec: str, separator: str) -> tuple[str, str]:
+    """``LABEL<sep>REST`` -> (LABEL, REST); ("", spec) when there is no label.
+
+    The separator counts only before the first ':' (and, for forwards, '='),
+    so paths and endpoint descriptions that contain it are left alone.
+    """
+    head = spec
+    for stop in (":", "=") if separator == "/" else (":",):
+        head = head.split(stop, 1)[0]
+    if separator not in head:
+        return "", spec
+    label, _, rest = spec.partition(separator)
+    return label, rest
+
+
+def check_label(label: str, option: str, value: str) -> str:
+    if not CHANNEL_LABEL_RE.match(label):
+        raise usage.UsageError(
+            f"{option} {value!r}: invalid channel label {label!r} "
+            "(1..64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
+        )
+    return label
+
+
+def parse_ip_port(text: str, *, port_required: bool) -> tuple[str, int | None]:
+    """``ADDR[:PORT]`` or ``[V6][:PORT]`` with ADDR an IP literal.
+
+    Remote listeners bind only literal addresses, so an allow-list entry and a
+    request compare exactly (no name resolution on either side).
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise _Bad("missing ']' after IPv6 address")
+        host, after = text[1:end], text[end + 1 :]
+        if not isIPv6Address(host):
+            raise _Bad(f"invalid IPv6 address {host!r}")
+        if after and not after.startswith(":"):
+            raise _Bad(None)
+        port_text = after[1:] if after else None
+    else:
+        host, sep, port_text_raw = text.partition(":")
+        port_text = port_text_raw if sep else None
+        if not isIPAddress(host):
+            raise _Bad(f"invalid address {host!r}: an IP address is required")
+    if port_text is None:
+        if port_required:
+            raise _Bad("missing port")
+        return host, None
+    return host, _check_port(port_text)
+
+
+def parse_rforward(spec: str) -> RemoteForwardSpec:
+    """``--rforward NAME:ADDR:PORT``: ask the peer to listen on ADDR:PORT for our NAME."""
+    try:
+        name, sep, rest = spec.partition(":")
+        if not name:
+            raise _Bad("empty NAME")
+        check_name(name)
+        if not sep or not rest:
+            raise _Bad(None)
+        host, port = parse_ip_port(rest, port_required=True)
+        assert port is not None
+    except _Bad as bad:
+        raise _usage_error("--rforward", spec, RFORWARD_FORM, bad) from None
+    return RemoteForwardSpec(name=name, host=host, port=port, original=spec)
+
+
+def parse_allowance(spec: str) -> ListenAllowance:
+    """``--allow-remote-listen ADDR[:PORT]``."""
+    try:
+        host, port = parse_ip_port(spec, port_required=False)
+    except _Bad as bad:
+        raise _usage_error("--allow-remote-listen", spec, ALLOW_FORM, bad) from None
+    return ListenAllowance(host=host, port=port, original=spec)
+
+
 def _forward_endpoint(spec: str, outgoing: bool, connect_timeout: float) -> tuple[str, str]:
     colon, equals = spec.find(":"), spec.find("=")
     twisted_form = equals >= 0 and (colon < 0 or equals < colon)
     name, _, rest = spec.partition("=" if twisted_form else ":")
     if not name:
         raise _Bad("empty NAME")
-    if not NAME_RE.match(name):
-        raise _Bad(f"invalid NAME {name!r}: 1..64 characters of A-Z a-z 0-9 . _ -")
+    check_name(name)
     if not rest:
         raise _Bad(None)
     if twisted_form:
@@ -369,10 +480,18 @@ def _one_line_doc(method: _F) -> _F:
     return method
 
 
+def _ctl_options() -> usage.Options:
+    """Imported lazily: ``virtproxy.ctl`` is only needed for ``virtproxy ctl``."""
+    from virtproxy.ctl import CtlOptions
+
+    return CtlOptions()
+
+
 class Options(usage.Options):
     """virtproxy's options; ``postOptions`` leaves the result in ``self.config``."""
 
     config: DaemonConfig
+    process: ProcessConfig
 
     optParameters: ClassVar[list[list[str | None]]] = [
         [
@@ -473,6 +592,34 @@ class Options(usage.Options):
             "auto (on once the peer turns it on) or off "
             "[default: on for serial:, auto for the others].",
         ],
+        [
+            "config",
+            None,
+            None,
+            "A TOML file of channels, forwards, limits and the control socket; "
+            "re-read on SIGHUP (see README, Operating).",
+        ],
+        [
+            "control",
+            None,
+            None,
+            "Serve the control protocol (virtproxy ctl) on this UNIX socket path (mode 0600).",
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics over HTTP on ADDR:PORT (or a server endpoint).",
+        ],
+    ]
+
+    subCommands: ClassVar[list[tuple[str, None, Any, str]]] = [
+        (
+            "ctl",
+            None,
+            _ctl_options,
+            "Talk to a running daemon's --control socket (see ctl --help).",
+        ),
     ]
 
     def __init__(self) -> None:
@@ -480,12 +627,15 @@ class Options(usage.Options):
         self.channels: list[str] = []
         self.oforwards: list[str] = []
         self.iforwards: list[str] = []
+        self.rforwards: list[str] = []
+        self.allowances: list[str] = []
 
     @_one_line_doc
     def opt_channel(self, spec: str) -> None:
-        """The data channel to the peer, exactly once: tcp-listen:HOST:PORT,
+        """The data channel to the peer: tcp-listen:HOST:PORT,
         tcp-connect:HOST:PORT, unix-listen:PATH, unix-connect:PATH,
-        virtserial:PATH or serial:PATH[:BAUD] (see below).
+        virtserial:PATH or serial:PATH[:BAUD] (see below); repeatable as
+        LABEL=SPEC for several channels in one process.
         """
         self.channels.append(spec)
 
@@ -494,7 +644,7 @@ class Options(usage.Options):
     @_one_line_doc
     def opt_oforward(self, spec: str) -> None:
         """Listen locally and forward each client to the peer's --iforward
-        NAME: NAME:ADDR:PORT, NAME:PATH:- or NAME=SERVER-ENDPOINT (repeatable).
+        NAME: [LABEL/]NAME:ADDR:PORT, NAME:PATH:- or NAME=SERVER-ENDPOINT (repeatable).
         """
         self.oforwards.append(spec)
 
@@ -503,11 +653,27 @@ class Options(usage.Options):
     @_one_line_doc
     def opt_iforward(self, spec: str) -> None:
         """Serve streams the peer opens for NAME by connecting here:
-        NAME:ADDR:PORT, NAME:PATH:- or NAME=CLIENT-ENDPOINT (repeatable).
+        [LABEL/]NAME:ADDR:PORT, NAME:PATH:- or NAME=CLIENT-ENDPOINT (repeatable).
         """
         self.iforwards.append(spec)
 
     opt_i = opt_iforward
+
+    @_one_line_doc
+    def opt_rforward(self, spec: str) -> None:
+        """Ask the peer to listen on ADDR:PORT (its side) and carry each
+        connection back to our --iforward NAME: [LABEL/]NAME:ADDR:PORT (repeatable).
+        """
+        self.rforwards.append(spec)
+
+    opt_R = opt_rforward
+
+    @_one_line_doc
+    def opt_allow_remote_listen(self, spec: str) -> None:
+        """Let the peer ask us to listen on ADDR (any port) or ADDR:PORT for
+        its --rforward (repeatable; default: refuse every such request).
+        """
+        self.allowances.append(spec)
 
     def opt_version(self) -> NoReturn:
         """Display virtproxy's version and exit."""
@@ -531,23 +697,66 @@ class Options(usage.Options):
             "VM host and guest.\n\n" + super().getUsage(width) + "\n" + EPILOG
         )
 
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Parse; a stray word is named as such, not as an unknown command."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            text = str(e)
+            if text.startswith("Unknown command: "):
+                word = text.removeprefix("Unknown command: ")
+                raise usage.UsageError(
+                    f"unexpected argument {word!r} (options start with - or --; "
+                    "the one command is ctl)"
+                ) from None
+            raise
+
     def parseArgs(self, *args: str) -> None:
         """virtproxy takes no positional arguments; name the first stray one."""
         if args:
             raise usage.UsageError(f"unexpected argument {args[0]!r} (options start with - or --)")
 
     def postOptions(self) -> None:
-        """Validate everything and build ``self.config``."""
-        if not self.channels:
+        """Validate everything and build ``self.process`` (and ``self.config``)."""
+        if self.subCommand is not None:
+            return  # ``virtproxy ctl ...``: the daemon's options do not apply
+        config_file = self["config"]
+        if not self.channels and config_file is None and self["control"] is None:
             kinds = ", ".join(CHANNEL_FORMS.values())
             raise usage.UsageError(f"--channel is required (expected one of {kinds})")
-        if len(self.channels) > 1:
-            given = " and ".join(repr(c) for c in self.channels)
-            raise usage.UsageError(
-                f"--channel given {len(self.channels)} times ({given}): expected exactly one"
-            )
-        channel = parse_channel(self.channels[0])
+        limits = self._limits()
+        channels = cli_channels(
+            self.channels, self.oforwards, self.iforwards, self.rforwards, limits
+        )
+        allow = tuple(parse_allowance(a) for a in self.allowances)
+        control = None
+        if self["control"] is not None:
+            control = _control_path(self["control"])
+        metrics = None
+        if self["metrics"] is not None:
+            metrics = parse_metrics(self["metrics"])
+        process = ProcessConfig(
+            channels=channels,
+            control=control,
+            metrics=metrics,
+            config_file=config_file,
+            allow_remote_listen=allow,
+            cli_channels=tuple(c.name for c in channels),
+            cli_allow=allow,
+            limits=limits,
+        )
+        if config_file is not None:
+            from virtproxy.configfile import load_config_file, merge
 
+            try:
+                process = merge(process, load_config_file(config_file, limits))
+            except ConfigError as e:
+                raise usage.UsageError(e.message) from None
+        self.process = process
+        if process.channels:
+            self.config = process.channels[0]
+
+    def _limits(self) -> Limits:
         connect_timeout = _seconds("--connect-timeout", self["connect-timeout"])
         interval = _seconds("--keepalive-interval", self["keepalive-interval"])
         timeout = _seconds("--keepalive-timeout", self["keepalive-timeout"])
@@ -563,7 +772,7 @@ class Options(usage.Options):
         max_streams = _integer("--max-streams", self["max-streams"], 1, MAX_STREAMS)
         max_open_rate = _integer("--max-open-rate", self["max-open-rate"], 1, 1_000_000)
         max_reset_rate = _integer("--max-reset-rate", self["max-reset-rate"], 1, 1_000_000)
-        session_window = max(window, 64 * 1024 * 1024)
+        session_window: int | None = None
         if self["session-window"] is not None:
             session_window = _integer(
                 "--session-window", self["session-window"], window, MAX_WINDOW
@@ -574,25 +783,7 @@ class Options(usage.Options):
         link = self["link"]
         if link is not None and link not in LINK_MODES:
             raise usage.UsageError(f"--link {link!r}: expected one of {', '.join(LINK_MODES)}")
-
-        oforwards = _unique(
-            "--oforward",
-            [
-                parse_forward(s, outgoing=True, connect_timeout=connect_timeout)
-                for s in self.oforwards
-            ],
-        )
-        iforwards = _unique(
-            "--iforward",
-            [
-                parse_forward(s, outgoing=False, connect_timeout=connect_timeout)
-                for s in self.iforwards
-            ],
-        )
-        self.config = DaemonConfig(
-            channel=channel,
-            oforwards=oforwards,
-            iforwards=iforwards,
+        return Limits(
             connect_timeout=connect_timeout,
             keepalive_interval=interval,
             keepalive_timeout=timeout,
@@ -607,6 +798,131 @@ class Options(usage.Options):
             max_pending=max_pending,
             max_service_name=max_name,
         )
+
+
+def _control_path(path: str) -> str:
+    try:
+        return _check_path(path, unix_socket=True)
+    except _Bad as bad:
+        raise _usage_error("--control", path, "PATH of a UNIX socket", bad) from None
+
+
+METRICS_FORM = "ADDR:PORT or a Twisted server endpoint description"
+
+
+def parse_metrics(spec: str) -> str:
+    """``--metrics 127.0.0.1:9101`` (or ``tcp:9101:interface=...``) -> server endpoint."""
+    try:
+        if "=" in spec or spec.startswith(("tcp:", "tcp6:", "unix:")):
+            _check_description(serverFromString, spec, "server")
+            return spec
+        host, port, is_v6 = _split_host_port(spec)
+    except _Bad as bad:
+        raise _usage_error("--metrics", spec, METRICS_FORM, bad) from None
+    return _tcp_server(host, port, is_v6, FORWARD_BACKLOG)
+
+
+def channel_config(
+    label: str,
+    channel: ChannelSpec,
+    oforwards: Sequence[ForwardSpec],
+    iforwards: Sequence[ForwardSpec],
+    rforwards: Sequence[RemoteForwardSpec],
+    limits: Limits,
+) -> DaemonConfig:
+    """One channel's :class:`DaemonConfig` from parsed parts."""
+    return DaemonConfig(
+        channel=channel,
+        oforwards=_unique("--oforward", oforwards),
+        iforwards=_unique("--iforward", iforwards),
+        rforwards=_unique_r(rforwards),
+        label=label,
+        **limits.as_fields(),
+    )
+
+
+def cli_channels(
+    channels: Sequence[str],
+    oforwards: Sequence[str],
+    iforwards: Sequence[str],
+    rforwards: Sequence[str],
+    limits: Limits,
+) -> tuple[DaemonConfig, ...]:
+    """Channels from ``--channel [LABEL=]SPEC`` with their ``[LABEL/]`` forwards.
+
+    One channel may go unlabelled (its forwards need no label); with several,
+    every channel needs a label and every forward names its channel.
+    """
+    parsed: dict[str, ChannelSpec] = {}
+    given: dict[str, str] = {}
+    for value in channels:
+        label, spec = split_label(value, "=")
+        if label:
+            check_label(label, "--channel", value)
+        elif len(channels) > 1:
+            listed = " and ".join(repr(c) for c in channels)
+            raise usage.UsageError(
+                f"--channel given {len(channels)} times ({listed}): "
+                "with several channels each needs a label, e.g. vm1=SPEC"
+            )
+        if (label or DEFAULT_LABEL) in parsed:
+            raise usage.UsageError(f"--channel {value!r}: duplicate label {label!r}")
+        parsed[label or DEFAULT_LABEL] = parse_channel(spec)
+        given[label or DEFAULT_LABEL] = label
+    if not parsed and (oforwards or iforwards or rforwards):
+        raise usage.UsageError("forwards given without --channel")
+    labels = list(parsed)
+    per: dict[str, tuple[list[ForwardSpec], list[ForwardSpec], list[RemoteForwardSpec]]] = {
+        label: ([], [], []) for label in labels
+    }
+
+    def owner(option: str, value: str) -> tuple[str, str]:
+        label, spec = split_label(value, "/")
+        if not label:
+            if len(labels) > 1:
+                raise usage.UsageError(
+                    f"{option} {value!r}: several channels: prefix the channel label, "
+                    f"e.g. {labels[0]}/{value}"
+                )
+            return labels[0], spec
+        if label not in per:
+            raise usage.UsageError(f"{option} {value!r}: no --channel labelled {label!r}")
+        return label, spec
+
+    for value in oforwards:
+        label, spec = owner("--oforward", value)
+        per[label][0].append(
+            parse_forward(spec, outgoing=True, connect_timeout=limits.connect_timeout)
+        )
+    for value in iforwards:
+        label, spec = owner("--iforward", value)
+        per[label][1].append(
+            parse_forward(spec, outgoing=False, connect_timeout=limits.connect_timeout)
+        )
+    for value in rforwards:
+        label, spec = owner("--rforward", value)
+        per[label][2].append(parse_rforward(spec))
+    return tuple(
+        channel_config(
+            given[label],
+            parsed[label],
+            *per[label],
+            limits,
+        )
+        for label in labels
+    )
+
+
+def _unique_r(forwards: Sequence[RemoteForwardSpec]) -> tuple[RemoteForwardSpec, ...]:
+    seen: dict[tuple[str, int], RemoteForwardSpec] = {}
+    for forward in forwards:
+        first = seen.setdefault((forward.host, forward.port), forward)
+        if first is not forward:
+            raise usage.UsageError(
+                f"--rforward {forward.original!r}: duplicate address {forward.address} "
+                f"(already used by --rforward {first.original!r})"
+            )
+    return tuple(forwards)
 
 
 def _unique(option: str, forwards: Sequence[ForwardSpec]) -> tuple[ForwardSpec, ...]:

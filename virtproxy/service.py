@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from virtproxy.channel import Channel
-from virtproxy.config import DaemonConfig
+from virtproxy.config import DaemonConfig, ForwardSpec, ProcessConfig
 from virtproxy.errors import StartupError
 from virtproxy.factories import (
     ChannelClientFactory,
@@ -86,6 +86,8 @@ class ChannelService(MultiService):
     def __init__(self, channel: Channel) -> None:
         super().__init__()
         self.channel = channel
+        #: The oforward listeners by NAME (added and removed at run time by the Runtime).
+        self.oforwards: dict[str, ListenService] = {}
 
     def stopService(self) -> Deferred[None]:
         self.channel.shutdown()
@@ -110,7 +112,7 @@ def session_config(config: DaemonConfig) -> SessionConfig:
         header_crc=config.channel.kind in SOCKET_KINDS,
         link=config.link or default_link(config.channel.kind),
         max_reset_rate=config.max_reset_rate,
-        session_window=max(config.session_window, config.window, max_frame),
+        session_window=max(config.session_window or 64 * 1024 * 1024, config.window, max_frame),
         send_high_water=config.stream_buffer,
         max_pending=config.max_pending,
         max_service_name=config.max_service_name,
@@ -122,7 +124,16 @@ def default_link(kind: str) -> str:
     return "on" if kind == "serial" else "auto"
 
 
-def make_service(config: DaemonConfig, reactor: Any = None) -> MultiService:
+def oforward_service(reactor: Any, channel: Channel, spec: ForwardSpec) -> ListenService:
+    """The listener of one oforward (not started)."""
+    return ListenService(
+        serverFromString(reactor, spec.endpoint),
+        ProxyServerFactory(channel, spec.name),
+        f"oforward {spec.name!r} ({spec.original})",
+    )
+
+
+def make_service(config: DaemonConfig, reactor: Any = None) -> ChannelService:
     """Build (but do not start) the services of one daemon."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -133,16 +144,14 @@ def make_service(config: DaemonConfig, reactor: Any = None) -> MultiService:
         reactor,
         session_config(config),
         iforwards,
-        label=config.channel.original,
+        label=config.log_label,
         drop_on_silence=config.channel.kind not in IN_BAND_KINDS,
     )
     top = ChannelService(channel)
     for spec in config.oforwards:
-        ListenService(
-            serverFromString(reactor, spec.endpoint),
-            ProxyServerFactory(channel, spec.name),
-            f"oforward {spec.name!r} ({spec.original})",
-        ).setServiceParent(top)
+        listener = oforward_service(reactor, channel, spec)
+        listener.setServiceParent(top)
+        top.oforwards[spec.name] = listener
     if config.channel.listens:
         ListenService(
             serverFromString(reactor, config.channel.endpoint),
@@ -157,3 +166,16 @@ def make_service(config: DaemonConfig, reactor: Any = None) -> MultiService:
             clock=reactor,
         ).setServiceParent(top)
     return top
+
+
+def make_process_service(config: ProcessConfig | DaemonConfig, reactor: Any = None) -> MultiService:
+    """Build (but do not start) every service of one process: a Runtime."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    from virtproxy.daemon import Runtime
+
+    if isinstance(config, DaemonConfig):
+        config = ProcessConfig(channels=(config,), cli_channels=(config.name,))
+    return Runtime(config, reactor)

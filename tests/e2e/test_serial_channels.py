@@ -115,6 +115,24 @@ def start_pair(
     return p
 
 
+def start_echo_pair(relays, daemons, backends, host_kind="serial", guest_kind="virtserial"):
+    """A pair whose host forwards service ``e`` to an echo server behind the guest.
+
+    Returns (relay, pair, the host port clients connect to)."""
+    relay = relays()
+    echo = backends(EchoServer)
+    port = free_port()
+    p = start_pair(
+        daemons,
+        relay,
+        host_kind,
+        guest_kind,
+        host_o=[f"e:{LOOPBACK}:{port}"],
+        guest_i=[f"e:{echo.addr}"],
+    )
+    return relay, p, port
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -811,17 +829,7 @@ def test_link_repairs_a_noisy_line_32_transfers_byte_exact(
 ):
     """1 corrupted byte in 10,000 each way: the serial side's link layer (on by
     default; the virtio side follows) repairs every frame below the streams."""
-    relay = relays()
-    echo = backends(EchoServer)
-    port = free_port()
-    p = start_pair(
-        daemons,
-        relay,
-        host_kind,
-        guest_kind,
-        host_o=[f"e:{LOOPBACK}:{port}"],
-        guest_i=[f"e:{echo.addr}"],
-    )
+    relay, p, port = start_echo_pair(relays, daemons, backends, host_kind, guest_kind)
     relay.set_faults(corrupt_one_in=10_000)
     hmark, gmark = p.host.mark(), p.guest.mark()
     jobs = [(port, os.urandom(64 * 1024)) for _ in range(32)]
@@ -847,17 +855,7 @@ def test_link_repairs_a_noisy_line_32_transfers_byte_exact(
 def test_link_repairs_drops_and_garbage_bursts(relays, daemons, backends):
     """Dropped bytes and bursts of garbage too: still every stream byte-exact."""
     rng = random.Random(7)
-    relay = relays()
-    echo = backends(EchoServer)
-    port = free_port()
-    start_pair(
-        daemons,
-        relay,
-        "serial",
-        "virtserial",
-        host_o=[f"e:{LOOPBACK}:{port}"],
-        guest_i=[f"e:{echo.addr}"],
-    )
+    relay, _, port = start_echo_pair(relays, daemons, backends)
     relay.set_faults(corrupt_one_in=5_000, drop_one_in=20_000)
     stop = threading.Event()
 

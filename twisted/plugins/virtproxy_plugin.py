@@ -26,9 +26,14 @@ class VirtproxyServiceMaker:
     def makeService(self, options: TwistdOptions) -> IService:
         """Wrap ``make_service`` so a StartupError becomes one line, not a traceback."""
         from virtproxy.cli import StartupGuard
-        from virtproxy.service import make_service
+        from virtproxy.service import make_process_service
 
-        return StartupGuard(make_service(options.config), options.parent)
+        if options.subCommand == "ctl":
+            from virtproxy.cli import report_error
+
+            report_error("use 'virtproxy ctl' (or python -m virtproxy ctl), not twistd, for ctl")
+            raise SystemExit(2)
+        return StartupGuard(make_process_service(options.process), options.parent)
 
 
 serviceMaker = VirtproxyServiceMaker()
