@@ -219,10 +219,10 @@ class TcpFaultRelay:
         self._cutter.set(cut_every)
 
     def cut(self) -> None:
-        """Close every relayed connection at once, both ways."""
+        """Close every relayed connection at once, both ways (counted if there was one)."""
         with self._lock:
-            self.cuts += 1
             pairs, self._pairs = self._pairs, []
+            self.cuts += bool(pairs)
         for a, b in pairs:
             for s in (a, b):
                 try:
@@ -246,7 +246,6 @@ class TcpFaultRelay:
         self._closed = True
         self._cutter.stop()
         self.cut()
-        self.cuts -= 1
         self._thread.join(5)
         self._listener.close()
 
