@@ -44,11 +44,14 @@ class Run:
     corrupted: int = 0
 
 
-def echo_over_noisy_link(seed: int, config: SessionConfig, rate: float = 1e-4) -> Run:
+def echo_over_noisy_link(
+    seed: int, config: SessionConfig, rates: FaultRates | None = None
+) -> Run:
     """A opens the streams and sends; B echoes everything back, EOF included."""
     a, b = Session(config), Session(config)
     rng = random.Random(seed)
-    faults = [Faults(random.Random(rng.random()), FaultRates(corrupt=rate)) for _ in range(2)]
+    rates = rates or FaultRates(corrupt=1e-4)
+    faults = [Faults(random.Random(rng.random()), rates) for _ in range(2)]
     now = 0.0
     a.connection_made(now)
     b.connection_made(now)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import random
 import socket
 import subprocess
@@ -53,12 +54,16 @@ STALL = 15.0
 
 
 @functools.cache
-def link_mode_available() -> bool:
-    """Whether the daemons under test know ``--link`` (the link-reliability layer)."""
+def daemon_help() -> str:
     out = subprocess.run(
         daemon_cmd("--help"), capture_output=True, text=True, env=daemon_env(), timeout=60
     )
-    return "--link" in out.stdout
+    return out.stdout
+
+
+def link_mode_available() -> bool:
+    """Whether the daemons under test know ``--link`` (the link-reliability layer)."""
+    return "--link" in daemon_help()
 
 
 requires_link = pytest.mark.skipif(
@@ -197,11 +202,45 @@ def counter_lines(daemon) -> list[str]:
 
 
 def assert_damage_counted(pair) -> None:
-    """A session that ended on a noisy line logged what the line did to it."""
+    """A session that ended on a noisy line logged what the line did to it, and
+    the status interface (where the daemons have one) counts it too."""
     text = " ".join(counter_lines(pair.host) + counter_lines(pair.guest))
     assert any(f"{name}=" in text for name in ("damaged_frames", "resyncs", "lost_frames")), (
         "no damage counters logged after sessions ended on a noisy channel"
     )
+    status = host_status(pair)
+    if status is not None:
+        print(f"host status: {status_counters(status)}")
+        assert status["crc_errors"] + status["resyncs"] + status["lost_frames"] > 0, status
+
+
+STATUS_COUNTERS = ("crc_errors", "resyncs", "lost_frames", "limit_hits", "retransmits")
+
+
+def status_counters(status: dict) -> dict:
+    return {key: status.get(key) for key in ("sessions", *STATUS_COUNTERS)}
+
+
+def control_supported() -> bool:
+    """Whether the daemons under test serve ``--control`` (the status interface)."""
+    return "--control" in daemon_help()
+
+
+def host_status(pair) -> dict | None:
+    """The host's channel row of ``virtproxy ctl status`` (None without --control)."""
+    control = getattr(pair, "control", None)
+    if control is None:
+        return None
+    proc = subprocess.run(
+        daemon_cmd("ctl", "--control", str(control), "status", "--json"),
+        capture_output=True,
+        text=True,
+        env=daemon_env(),
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    return row
 
 
 @contextlib.contextmanager
@@ -229,7 +268,13 @@ def faults_done(relay_counts: dict) -> int:
 # --------------------------------------------------------------------------- daemons
 
 
-def serial_pair(daemons, relay: SerialFaultRelay, port: int, echo: EchoServer, args) -> Pair:
+def control_args(control: Path) -> list[str]:
+    return ["--control", str(control)] if control_supported() else []
+
+
+def serial_pair(
+    daemons, relay: SerialFaultRelay, port: int, echo: EchoServer, args, control: Path
+) -> Pair:
     host = daemons(
         "host",
         "--channel",
@@ -237,6 +282,7 @@ def serial_pair(daemons, relay: SerialFaultRelay, port: int, echo: EchoServer, a
         "-o",
         f"e:{LOOPBACK}:{port}",
         *args,
+        *control_args(control),
     )
     wait_listening(host, [f"e:{LOOPBACK}:{port}"])
     guest = daemons(
@@ -244,10 +290,13 @@ def serial_pair(daemons, relay: SerialFaultRelay, port: int, echo: EchoServer, a
     )
     pair = Pair(host, guest, "serial/virtserial")
     pair.wait_session()
+    pair.control = control if control_supported() else None  # type: ignore[attr-defined]
     return pair
 
 
-def tcp_pair(daemons, channel: int, relay: TcpFaultRelay, port: int, echo, args) -> Pair:
+def tcp_pair(
+    daemons, channel: int, relay: TcpFaultRelay, port: int, echo, args, control: Path
+) -> Pair:
     host = daemons(
         "host",
         "--channel",
@@ -255,6 +304,7 @@ def tcp_pair(daemons, channel: int, relay: TcpFaultRelay, port: int, echo, args)
         "-o",
         f"e:{LOOPBACK}:{port}",
         *args,
+        *control_args(control),
     )
     wait_listening(host, [f"e:{LOOPBACK}:{port}"])
     deadline = time.monotonic() + 2.0  # the channel listener too, if the daemon logs it
@@ -265,6 +315,7 @@ def tcp_pair(daemons, channel: int, relay: TcpFaultRelay, port: int, echo, args)
     )
     pair = Pair(host, guest, "tcp via fault relay")
     pair.wait_session()
+    pair.control = control if control_supported() else None  # type: ignore[attr-defined]
     return pair
 
 
@@ -296,7 +347,7 @@ SERIAL_RATES = FaultRates(corrupt=4e-6, drop=1e-6, duplicate=1e-6, truncate=5e-7
 
 
 def test_plain_session_on_a_noisy_serial_line_resets_never_corrupts(
-    daemons, backends, fault_relays
+    daemons, backends, fault_relays, short_dir
 ):
     """Corruption, loss, duplication, truncation and cuts on a serial line.
 
@@ -307,7 +358,7 @@ def test_plain_session_on_a_noisy_serial_line_resets_never_corrupts(
     echo = backends(EchoServer)
     port = free_port()
     args = [*FAST_KEEPALIVE, "--connect-timeout", "3", *plain_args()]
-    pair = serial_pair(daemons, relay, port, echo, args)
+    pair = serial_pair(daemons, relay, port, echo, args, short_dir / "host.sock")
     relay.set_faults(SERIAL_RATES, cut_every=1.5)
     with cut_once(relay, after=0.5):
         outcomes = run_transfers(port, count=96, concurrency=12, size=64 * 1024, seed=11)
@@ -325,7 +376,7 @@ TCP_RATES = FaultRates(drop=1e-6, duplicate=1e-6, truncate=1e-6)
 
 
 def test_plain_session_over_a_lossy_tcp_relay_resets_never_corrupts(
-    daemons, backends, fault_relays
+    daemons, backends, fault_relays, short_dir
 ):
     """Drops, duplicates, truncations and cuts between two TCP-channel daemons.
 
@@ -338,7 +389,7 @@ def test_plain_session_over_a_lossy_tcp_relay_resets_never_corrupts(
     echo = backends(EchoServer)
     port = free_port()
     args = [*FAST_KEEPALIVE, "--connect-timeout", "3", *plain_args()]
-    pair = tcp_pair(daemons, channel, relay, port, echo, args)
+    pair = tcp_pair(daemons, channel, relay, port, echo, args, short_dir / "host.sock")
     relay.set_faults(TCP_RATES, cut_every=1.5)
     with cut_once(relay, after=0.5):
         outcomes = run_transfers(port, count=96, concurrency=12, size=64 * 1024, seed=12)
@@ -378,7 +429,9 @@ LINK_KNOWN_STALL = pytest.mark.xfail(
     "case",
     [pytest.param(c, marks=LINK_KNOWN_STALL) if c == "tcp-corrupt" else c for c in LINK_CASES],
 )
-def test_link_layer_repairs_faults_all_transfers_byte_exact(daemons, backends, fault_relays, case):
+def test_link_layer_repairs_faults_all_transfers_byte_exact(
+    daemons, backends, fault_relays, short_dir, case
+):
     """With ``--link on``, 32 concurrent transfers complete byte-exact at 1
     corrupted byte in 10,000 (and with loss, duplication and truncation too)."""
     kind, rates = LINK_CASES[case]
@@ -387,11 +440,11 @@ def test_link_layer_repairs_faults_all_transfers_byte_exact(daemons, backends, f
     args = ["--connect-timeout", "10", "--link", "on"]
     if kind == "serial":
         relay = fault_relays(SerialFaultRelay, seed=21)
-        pair = serial_pair(daemons, relay, port, echo, args)
+        pair = serial_pair(daemons, relay, port, echo, args, short_dir / "host.sock")
     else:
         channel = free_port()
         relay = fault_relays(TcpFaultRelay, channel, seed=22)
-        pair = tcp_pair(daemons, channel, relay, port, echo, args)
+        pair = tcp_pair(daemons, channel, relay, port, echo, args, short_dir / "host.sock")
     relay.set_faults(rates)
     outcomes = run_transfers(port, count=32, concurrency=32, size=64 * 1024, seed=31)
     counts = relay.counts()
@@ -400,4 +453,8 @@ def test_link_layer_repairs_faults_all_transfers_byte_exact(daemons, backends, f
     assert_never_wrong(outcomes)
     assert all(o.how == "complete" for o in outcomes), tally(outcomes)
     assert faults_done(counts) > 0
+    status = host_status(pair)
+    if status is not None:  # the status interface tells what the link repaired
+        print(f"[link layer, {case}] host status: {status_counters(status)}")
+        assert status["crc_errors"] > 0 and status["retransmits"] > 0, status
     assert pair.host.alive() and pair.guest.alive()
