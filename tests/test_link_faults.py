@@ -44,9 +44,7 @@ class Run:
     corrupted: int = 0
 
 
-def echo_over_noisy_link(
-    seed: int, config: SessionConfig, rates: FaultRates | None = None
-) -> Run:
+def echo_over_noisy_link(seed: int, config: SessionConfig, rates: FaultRates | None = None) -> Run:
     """A opens the streams and sends; B echoes everything back, EOF included."""
     a, b = Session(config), Session(config)
     rng = random.Random(seed)
