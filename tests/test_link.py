@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from sessionpair import A, B, SessionPair, peer_id
 
 from virtproxy import events as ev
-from virtproxy.frames import Damage, Frame, FrameDecoder, FrameType, encode_frame
+from virtproxy.frames import OPENER_BIT, Damage, Frame, FrameDecoder, FrameType, encode_frame
 from virtproxy.link import FLAG_NAK, LINK_WINDOW, RTO_MAX, ReliableLink
-from virtproxy.session import SessionConfig
+from virtproxy.session import LINK_DECODER_TYPES, SessionConfig
 
 
 def frames_of(out: list[bytes]) -> list[Frame]:
@@ -386,3 +386,19 @@ def test_any_noise_any_load_every_stream_byte_exact(
     for session in (pair.a, pair.b):
         assert session.link is not None
         assert session.link.unacknowledged <= LINK_WINDOW and session.link.held <= LINK_WINDOW
+
+
+def test_a_session_frame_inside_a_damaged_chunk_holds_nothing_up() -> None:
+    """The decoder, resynchronising after a damaged chunk, finds the session frame
+    header inside it; with the link on it must not wait for that frame's payload."""
+    inner = encode_frame(FrameType.DATA, OPENER_BIT | 1, bytes(60000))
+    chunk = bytearray(encode_frame(FrameType.LINK_DATA, 7, bytes(4) + inner[:1000]))
+    chunk[500] ^= 0xFF  # damage the chunk, not the inner header
+    ack = encode_frame(FrameType.LINK_ACK, 3, bytes(12))
+    plain = FrameDecoder(65535)
+    assert [type(item) for item in plain.feed(bytes(chunk) + ack)] == [Damage]  # stuck waiting
+    linked = FrameDecoder(65535)
+    linked.only_types = LINK_DECODER_TYPES
+    items = linked.feed(bytes(chunk) + ack)
+    assert [type(item) for item in items] == [Damage, Frame]
+    assert items[1].type == FrameType.LINK_ACK

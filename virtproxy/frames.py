@@ -171,6 +171,9 @@ class FrameDecoder:
         self._buffer = bytearray()
         self.max_payload = max_payload
         self._max_link_payload = min(MAX_PAYLOAD, max_payload + LINK_SLACK)
+        #: Frame types worth waiting for (None: all).  A valid header of any
+        #: other type is skipped like garbage, without waiting for its payload.
+        self.only_types: frozenset[int] | None = None
         #: Accept DATA frames whose CRC covers the header only (FLAG_HEADER_CRC).
         self.header_crc_ok = header_crc_ok
         #: Frames accepted.
@@ -230,6 +233,7 @@ class FrameDecoder:
         crc32 = zlib.crc32
         max_payload = self.max_payload
         max_link_payload = self._max_link_payload
+        only_types = self.only_types
         unpack_header = _HEADER.unpack_from
         with memoryview(buf) as view:
             while size - pos >= HEADER_SIZE:
@@ -245,6 +249,7 @@ class FrameDecoder:
                         length > max_payload
                         and (ftype != LINK_DATA_TYPE or length > max_link_payload)
                     )
+                    or (only_types is not None and ftype not in only_types)
                 ):
                     pos = self._skip(buf, pos, pos + 1, size)
                     continue

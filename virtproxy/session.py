@@ -138,6 +138,8 @@ class SessionConfig:
 
 
 LINK_MODES = ("on", "auto", "off")
+#: What the channel decoder accepts while the link layer is on.
+LINK_DECODER_TYPES = LINK_FRAME_TYPES | {FrameType.HELLO}
 #: An auto-mode side drops the link after this many plain HELLOs in a row.
 PLAIN_HELLOS_TO_DROP_LINK = 3
 
@@ -291,9 +293,7 @@ class Session:
             self.connection_lost(now, "replaced by a new channel connection")
         self._decoder.reset()
         self._inner.reset()
-        self.link = None
-        if self.config.link == "on":
-            self.link = ReliableLink(self.stats)
+        self._set_link(ReliableLink(self.stats) if self.config.link == "on" else None)
         self._link_refused = False
         self._plain_hellos = 0
         self._start_handshake(now)
@@ -304,7 +304,7 @@ class Session:
         self.state = State.DISCONNECTED
         self._control.clear()
         self._hello_queued = False
-        self.link = None
+        self._set_link(None)
 
     def go_away(self, now: float, reason: int = Reason.SHUTDOWN, message: str = "") -> None:
         """Tell the peer we are leaving, and end every stream (shutdown)."""
@@ -505,6 +505,16 @@ class Session:
                 stats.frames_in += 1
                 self._on_frame(item, now)
 
+    def _set_link(self, link: ReliableLink | None) -> None:
+        """Turn the link layer on or off for this channel connection.
+
+        With it on, the channel decoder looks for link frames (and HELLOs, see
+        :meth:`_plain_again`) only: a session frame header found inside a
+        damaged chunk is skipped at once instead of waiting for its payload.
+        """
+        self.link = link
+        self._decoder.only_types = None if link is None else LINK_DECODER_TYPES
+
     def _plain_again(self, item: Frame | Damage) -> bool:
         """Did the peer go back to plain frames (a restart, in auto mode or off)?
 
@@ -521,7 +531,7 @@ class Session:
         self._plain_hellos += 1
         if self._plain_hellos < PLAIN_HELLOS_TO_DROP_LINK:
             return False
-        self.link = None
+        self._set_link(None)
         self._inner.reset()
         self._events.append(ev.LinkNotice("link reliability off: the peer stopped using it"))
         return True
@@ -539,7 +549,8 @@ class Session:
                         ev.LinkNotice("the peer uses link reliability, which --link off refuses")
                     )
                 return
-            link = self.link = ReliableLink(self.stats)
+            link = ReliableLink(self.stats)
+            self._set_link(link)
             self._events.append(ev.LinkNotice("link reliability on: the peer uses it"))
         if isinstance(item, Damage):
             link.on_damage(item)
