@@ -18,7 +18,6 @@ Run with ``-s`` to see the counts (relay actions, streams complete/reset).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import random
@@ -27,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,8 +131,21 @@ def echo_transfer(port: int, payload: bytes) -> Outcome:
     return Outcome(len(payload), len(got), how, "; ".join(send_error))
 
 
-def run_transfers(port: int, count: int, concurrency: int, size: int, seed: int) -> list[Outcome]:
-    """``count`` echo transfers of ``size`` random bytes, ``concurrency`` at a time."""
+def run_transfers(
+    port: int,
+    count: int,
+    concurrency: int,
+    size: int,
+    seed: int,
+    cut: Callable[[], None] | None = None,
+) -> list[Outcome]:
+    """``count`` echo transfers of ``size`` random bytes, ``concurrency`` at a time.
+
+    ``cut`` is called once, when a tenth of the transfers have ended, so the
+    channel is cut while transfers are surely in flight (a timer could fire
+    after a fast machine finished them all).
+    """
+    finished = [0]
     rng = random.Random(seed)
     payloads = [rng.randbytes(size) for _ in range(count)]
     results: list[Outcome | None] = [None] * count
@@ -147,6 +159,11 @@ def run_transfers(port: int, count: int, concurrency: int, size: int, seed: int)
                     return
                 i = todo.pop()
             results[i] = echo_transfer(port, payloads[i])
+            with lock:
+                finished[0] += 1
+                due = cut is not None and finished[0] == max(1, count // 10)
+            if due:
+                cut()
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:
@@ -201,17 +218,22 @@ def counter_lines(daemon) -> list[str]:
     return [line for line in daemon.lines() if "counters:" in line]
 
 
-def assert_damage_counted(pair) -> None:
-    """A session that ended on a noisy line logged what the line did to it, and
-    the status interface (where the daemons have one) counts it too."""
-    text = " ".join(counter_lines(pair.host) + counter_lines(pair.guest))
-    assert any(f"{name}=" in text for name in ("damaged_frames", "resyncs", "lost_frames")), (
-        "no damage counters logged after sessions ended on a noisy channel"
-    )
+def assert_damage_counted(pair) -> int:
+    """The status interface (where the daemons have one) counts what the line
+    did, and every session that ended on it logged its damage counters.
+    Returns how many sessions ended."""
     status = host_status(pair)
     if status is not None:
         print(f"host status: {status_counters(status)}")
         assert status["crc_errors"] + status["resyncs"] + status["lost_frames"] > 0, status
+    ended = pair.host.count("session ended") + pair.guest.count("session ended")
+    if ended or status is None:
+        text = " ".join(counter_lines(pair.host) + counter_lines(pair.guest))
+        names = ("damaged_frames", "resyncs", "lost_frames")
+        assert any(f"{name}=" in text for name in names), (
+            f"{ended} sessions ended on a noisy channel, and no damage counters were logged"
+        )
+    return ended
 
 
 STATUS_COUNTERS = ("crc_errors", "resyncs", "lost_frames", "limit_hits", "retransmits")
@@ -241,19 +263,6 @@ def host_status(pair) -> dict | None:
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads(proc.stdout)
     return row
-
-
-@contextlib.contextmanager
-def cut_once(relay, after: float) -> Iterator[None]:
-    """One certain cut ``after`` seconds into the block, besides the random ones."""
-    timer = threading.Timer(
-        after, relay.cut if isinstance(relay, TcpFaultRelay) else relay.cut_line
-    )
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
 
 
 def faults_done(relay_counts: dict) -> int:
@@ -360,8 +369,9 @@ def test_plain_session_on_a_noisy_serial_line_resets_never_corrupts(
     args = [*FAST_KEEPALIVE, "--connect-timeout", "3", *plain_args()]
     pair = serial_pair(daemons, relay, port, echo, args, short_dir / "host.sock")
     relay.set_faults(SERIAL_RATES, cut_every=1.5)
-    with cut_once(relay, after=0.5):
-        outcomes = run_transfers(port, count=96, concurrency=12, size=64 * 1024, seed=11)
+    outcomes = run_transfers(
+        port, count=96, concurrency=12, size=64 * 1024, seed=11, cut=relay.cut_line
+    )
     relay.set_faults(None, None)
     counts = relay.counts()
     assert_never_wrong(outcomes)
@@ -391,14 +401,14 @@ def test_plain_session_over_a_lossy_tcp_relay_resets_never_corrupts(
     args = [*FAST_KEEPALIVE, "--connect-timeout", "3", *plain_args()]
     pair = tcp_pair(daemons, channel, relay, port, echo, args, short_dir / "host.sock")
     relay.set_faults(TCP_RATES, cut_every=1.5)
-    with cut_once(relay, after=0.5):
-        outcomes = run_transfers(port, count=96, concurrency=12, size=64 * 1024, seed=12)
+    outcomes = run_transfers(port, count=96, concurrency=12, size=64 * 1024, seed=12, cut=relay.cut)
     relay.set_faults(None, None)
     counts = relay.counts()
     assert_never_wrong(outcomes)
     attempts = assert_recovers(port, seed=200)
     report("tcp, plain session", counts, outcomes, attempts, pair)
-    assert_damage_counted(pair)
+    assert counts["cuts"] >= 1, "the channel was never cut"
+    assert assert_damage_counted(pair) >= 1, "a cut TCP channel must end the session"
     assert faults_done(counts) > 0, "the relay did nothing: the test would prove nothing"
     assert pair.host.alive() and pair.guest.alive()
 
