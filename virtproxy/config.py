@@ -60,7 +60,7 @@ class DaemonConfig:
     #: Largest DATA payload we accept (advertised in HELLO); None = per channel kind.
     max_frame: int | None = None
     #: Credit each new stream grants the peer before the first WINDOW.
-    window: int = 1024 * 1024
+    window: int = 512 * 1024
     #: Concurrent streams the peer may open towards us.
     max_streams: int = 1024
     #: Streams the peer may open per second (token bucket, bursts of twice that).
