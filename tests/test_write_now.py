@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from virtproxy.protocol import write_now
 
@@ -22,7 +22,7 @@ class Pair:
         self.near, self.far = socket.socketpair()
         self.near.setblocking(False)
         self.far.setblocking(False)
-        self.reactor = MemoryReactor()
+        self.reactor = MemoryReactorClock()
         self.transport = tcp.Connection(self.near, Protocol(), self.reactor)
         self.transport.connected = True
 
@@ -97,6 +97,13 @@ def test_closing_transport_uses_twisted_write(pair: Pair) -> None:
     pair.transport.disconnecting = True
     assert write_now(pair.transport, b"late") == 4
     assert pair.writing()
+
+
+def test_aborted_transport_sends_nothing(pair: Pair) -> None:
+    pair.transport.abortConnection()
+    write_now(pair.transport, b"after abort")
+    with pytest.raises(BlockingIOError):
+        pair.far.recv(100)
 
 
 def test_other_transports_use_their_write() -> None:

@@ -62,6 +62,7 @@ def write_now(transport: object, data: bytes | list[bytes]) -> int:
         or handle is None
         or not transport.connected
         or transport.disconnecting
+        or transport._aborting
         or transport._writeDisconnecting
         or transport._writeDisconnected
         or transport._tempDataLen
