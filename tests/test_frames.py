@@ -98,6 +98,40 @@ def test_frames_round_trip_in_random_chunks(frames: list[Frame], sizes: list[int
     )
 
 
+@settings(max_examples=400)
+@given(
+    pieces=st.lists(
+        st.one_of(
+            frame_strategy().map(lambda f: ("frame", encode(f))),
+            st.binary(max_size=40).map(lambda b: ("junk", b)),
+            st.tuples(frame_strategy(), st.integers(0, 10_000)).map(
+                lambda fc: ("flip", encode(fc[0]), fc[1])
+            ),
+        ),
+        max_size=10,
+    ),
+    sizes=chunk_sizes,
+)
+def test_any_split_of_any_stream_decodes_as_one_feed(pieces: list, sizes: list[int]) -> None:
+    """Frames, junk and damaged frames: how the bytes are cut into reads changes nothing."""
+    parts = []
+    for piece in pieces:
+        if piece[0] == "flip":
+            raw = bytearray(piece[1])
+            raw[piece[2] % len(raw)] ^= 0x10
+            parts.append(bytes(raw))
+        else:
+            parts.append(piece[1])
+    data = b"".join(parts)
+    whole = FrameDecoder(SMALL_MAX, header_crc_ok=True)
+    expected = whole.feed(data)
+    split = FrameDecoder(SMALL_MAX, header_crc_ok=True)
+    assert feed_in_chunks(split, data, sizes) == expected
+    assert (split.frames, split.damaged) == (whole.frames, whole.damaged)
+    # A tail shorter than a header waits for more bytes whichever way it came.
+    assert split.discarded + split.buffered == whole.discarded + whole.buffered
+
+
 def test_max_size_payload_round_trips_byte_by_byte_boundaries() -> None:
     payload = bytes(range(256)) * 255 + bytes(range(255))
     assert len(payload) == MAX_PAYLOAD

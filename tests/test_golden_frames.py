@@ -10,7 +10,7 @@ Each frame is built three ways that must agree byte for byte:
 * ``virtproxy.frames.encode_frame``.
 
 and decodes back to the same fields.  Sequence numbers are 0..10 in table order
-(HELLO and the link frames must carry 0), so the seq and flags bytes are told
+(a session's first HELLO carries 0, link frames always do), so the seq and flags bytes are told
 apart; the last row is
 the HELLO with the ANSWER flag (0x01) that a side sends while its session is not up.
 
@@ -220,7 +220,8 @@ def test_session_emits_frames_in_the_spec_layout() -> None:
     session = Session(SessionConfig())
     peer = RawPeer(session_id=0x0A0B0C0D0E0F1011)
     after_hello = peer.handshake(session, now=0.0)
-    # Not known before: the session answers our HELLO with its own (seq 0, up: no flag).
+    # Not known before: the session answers our HELLO with its own: its second
+    # HELLO of the session (seq 1; up: no flag).
     assert [f.type for f in after_hello] == [FrameType.HELLO]
     hello = after_hello[0]
     sid = session.session_id
@@ -228,7 +229,7 @@ def test_session_emits_frames_in_the_spec_layout() -> None:
         0x01,
         0,
         struct.pack(">QQIIIII", sid, peer.session_id, 16384, 262144, 1024, 0, 64 << 20),
-        0,
+        1,
         0,
     )
 

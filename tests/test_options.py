@@ -107,7 +107,7 @@ def test_defaults() -> None:
         keepalive_interval=5.0,
         keepalive_timeout=20.0,
         max_frame=None,
-        window=262144,
+        window=524288,
         max_streams=1024,
     )
 

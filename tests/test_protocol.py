@@ -696,6 +696,28 @@ def test_channel_transport_pausing_during_write_stops_the_flush(world: World) ->
     assert len(writes) >= 2
 
 
+def test_local_reads_go_on_when_the_pump_drains_the_queue_at_once() -> None:
+    """A send past the high-water mark whose pump already drained the queue
+    (a kernel that takes every write at once) must not pause the local socket:
+    its StreamWritable was dispatched inside that very pump."""
+    w = make_world(window=8 * HIGH_WATER)
+    local, target = w.open()
+    w.a.session.flight_cap = None
+    pa = w.pipe.pa
+    original = pa.wrote
+
+    def wrote(data: bytes) -> None:
+        original(data)
+        pa.paused = False  # the kernel took it all: no drain to wait for
+
+    pa.wrote = wrote  # type: ignore[method-assign]
+    data = blob(HIGH_WATER + 1)
+    local.send(data)
+    assert local.transport.producerState == "producing"
+    w.pipe.pump()
+    assert target.received() == data
+
+
 def test_slow_target_withholds_credit_only_for_its_stream(world: World) -> None:
     slow_local, slow_target = world.open(port=50001)
     fast_local, fast_target = world.open(port=50002)

@@ -1822,3 +1822,21 @@ def test_a_keystroke_behind_a_bulk_stream_passes_an_exhausted_flight_cap() -> No
     frames = FrameDecoder().feed(a.data_to_send(now=0.3))
     sent = [(f.stream & 0x7FFFFFFF, f.payload) for f in frames if f.type == FrameType.DATA]
     assert sent == [(keys, b"k")]
+
+
+def test_a_repeated_hello_and_data_run_is_not_taken_twice() -> None:
+    """A line that repeats a run holding the peer's HELLO and DATA after it."""
+    pair = SessionPair()
+    pair.handshake()
+    a_id, b_id = pair.open()
+    pair.a.send(a_id, b"once")
+    hello = pair.a._hellos_sent
+    pair.a._queue_hello()  # A re-announces itself (as after a peer's ANSWER HELLO)
+    data = pair.a.data_to_send()
+    assert pair.a._hellos_sent == hello + 1
+    pair.b.receive_data(data, 1.0)
+    pair.b.receive_data(data, 1.0)  # the line repeats the run
+    pair.collect()
+    assert pair.received(B, b_id) == b"once"  # not "onceonce"
+    # The repeated DATA then fails the sequence check: a loss, as the spec says.
+    assert pair.b.stats.stale_frames == 1 and pair.b.stats.lost_frames > 0

@@ -41,7 +41,9 @@ class StreamEnd(Protocol):
 
     service: str
 
-    def deliver(self, data: bytes) -> None: ...
+    def deliver(self, data: bytes | list[bytes]) -> None:
+        """Peer data: one payload, or several in a row (written at once)."""
+
     def resume_reading(self) -> None: ...
     def end_of_data(self) -> None: ...
     def stream_opened(self) -> None: ...
@@ -67,6 +69,9 @@ TROUBLE_COUNTERS = (
 )
 #: Changed counters are logged at most this often (and when a session ends).
 COUNTER_LOG_INTERVAL = 60.0
+#: At most this many DATA payloads go to a local socket in one write (one
+#: ``sendmsg``; the kernel takes at most IOV_MAX = 1024 pieces).
+MAX_PIECES = 256
 
 
 class Channel:
@@ -177,8 +182,15 @@ class Channel:
         return stream_id
 
     def send(self, stream_id: int, data: bytes) -> bool:
+        """Queue data; False means: stop reading, ``resume_reading`` follows."""
         more = self.session.send(stream_id, data)
         self.pump()
+        if not more:
+            # The pump may have drained the queue already (and dispatched the
+            # StreamWritable): answer with the state after it, or the local
+            # socket would stop reading with no resume to come.
+            stream = self.session.stream_info(stream_id)
+            more = stream is not None and not stream.blocked
         return more
 
     def send_eof(self, stream_id: int) -> None:
@@ -226,8 +238,7 @@ class Channel:
             self._again = True
             while self._again:
                 self._again = False
-                for event in self.session.take_events():
-                    self._dispatch(event)
+                self._dispatch_all(self.session.take_events())
                 self._flush()
             self._schedule_timer()
             if self.reactor.seconds() - self._counters_logged_at >= COUNTER_LOG_INTERVAL:
@@ -242,8 +253,11 @@ class Channel:
             return
         if not protocol.paused and session.has_data_to_send():
             chunk = protocol.pacer.chunk
-            protocol.wrote(session.data_to_send(chunk, chunk, self.reactor.seconds()))
-            if session.has_events:
+            data = session.data_to_send(chunk, chunk, self.reactor.seconds())
+            protocol.wrote(data)
+            # Go round again for events, and for more data if the kernel took
+            # all of this at once (the transport will not ask for it).
+            if session.has_events or (data and not protocol.paused):
                 self._again = True
         protocol.set_reading(not session.input_paused)
 
@@ -280,6 +294,34 @@ class Channel:
         self._timer = None
         self.session.tick(self.reactor.seconds())
         self.pump()
+
+    def _dispatch_all(self, events: list[ev.Event]) -> None:
+        """Dispatch events in order; consecutive data of one stream is written at once."""
+        count = len(events)
+        index = 0
+        while index < count:
+            event = events[index]
+            index += 1
+            if type(event) is not ev.DataReceived:
+                self._dispatch(event)
+                continue
+            stream_id = event.stream_id
+            pieces: list[bytes] | None = None
+            while index < count:
+                following = events[index]
+                if (
+                    type(following) is not ev.DataReceived
+                    or following.stream_id != stream_id
+                    or (pieces is not None and len(pieces) >= MAX_PIECES)
+                ):
+                    break
+                if pieces is None:
+                    pieces = [event.data]
+                pieces.append(following.data)
+                index += 1
+            local = self._locals.get(stream_id)
+            if local is not None:
+                local.deliver(event.data if pieces is None else pieces)
 
     def _dispatch(self, event: ev.Event) -> None:
         if isinstance(event, ev.DataReceived):

@@ -84,7 +84,7 @@ class Limits:
     keepalive_interval: float = 5.0
     keepalive_timeout: float = 20.0
     max_frame: int | None = None
-    window: int = 256 * 1024
+    window: int = 512 * 1024
     max_streams: int = 1024
     max_open_rate: int = 1000
     link: str | None = None
@@ -114,7 +114,7 @@ class DaemonConfig:
     #: Largest DATA payload we accept (advertised in HELLO); None = per channel kind.
     max_frame: int | None = None
     #: Credit each new stream grants the peer before the first WINDOW.
-    window: int = 256 * 1024
+    window: int = 512 * 1024
     #: Concurrent streams the peer may open towards us.
     max_streams: int = 1024
     #: Streams the peer may open per second (token bucket, bursts of twice that).

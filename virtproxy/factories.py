@@ -26,7 +26,11 @@ from zope.interface import implementer
 
 from virtproxy.channel import Channel
 from virtproxy.frames import describe_reason
-from virtproxy.protocol import VPChannelProtocol, describe_address
+from virtproxy.protocol import VPChannelProtocol, describe_address, write_now
+
+#: Bytes read from a local socket at a time (Twisted's default is 64 KiB): one
+#: read fills several DATA frames, and the channel writes them in one send.
+LOCAL_READ_SIZE = 256 * 1024
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -62,6 +66,10 @@ class ProxyProtocol(Protocol):
             socket.AF_INET6,
         ):
             handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(transport, "bufferSize"):
+            # Twisted reads bufferSize bytes at a time (64 KiB by default) and
+            # pauses us as its producer past that many buffered bytes.
+            transport.bufferSize = LOCAL_READ_SIZE
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self._registered = True
 
@@ -127,16 +135,18 @@ class ProxyProtocol(Protocol):
 
     # -------------------------------------------------------------- from the channel
 
-    def deliver(self, data: bytes) -> None:
-        """Peer data: write it, and grant credit only once the socket took it."""
+    def deliver(self, data: bytes | list[bytes]) -> None:
+        """Peer data (bytes, or pieces in order): write it, and grant credit
+        only once the socket took it."""
         if self.transport is None:
             return
-        self.bytes_out += len(data)
-        self.transport.write(data)
+        size = len(data) if isinstance(data, bytes) else sum(map(len, data))
+        self.bytes_out += size
+        write_now(self.transport, data)
         if self._write_paused:
-            self._withheld += len(data)
+            self._withheld += size
         else:
-            self.channel.consumed(self.stream_id, len(data))
+            self.channel.consumed(self.stream_id, size)
 
     def _release_transport(self) -> None:
         """Unregister as our transport's producer (it won't close while we are)."""

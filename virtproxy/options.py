@@ -530,7 +530,7 @@ class Options(usage.Options):
         [
             "window",
             None,
-            str(256 * 1024),
+            str(512 * 1024),
             (
                 "Bytes each new stream may carry before the receiver grants more "
                 f"(>= --max-frame, <= {MAX_WINDOW})."

@@ -47,6 +47,11 @@ class WritePacer:
             self._cycle_start = now
         self._cycle_bytes += count
 
+    def discard_cycle(self) -> None:
+        """The transport took the write at once: it says nothing about the rate."""
+        self._cycle_start = None
+        self._cycle_bytes = 0
+
     def drained(self, now: float) -> None:
         """The transport's buffer emptied (it asked for more)."""
         if self._cycle_start is None:

@@ -13,8 +13,9 @@ a virtio-serial port.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -38,6 +39,65 @@ TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 #: It follows the pacer's chunk (about 10 ms of the line) within these bounds.
 NOTSENT_LOWAT_MIN = 512
 NOTSENT_LOWAT_MAX = 256 * 1024
+
+
+def write_now(transport: object, data: bytes | list[bytes]) -> int:
+    """Write ``data`` (bytes, or pieces in order) to a socket transport now.
+
+    Returns how many bytes Twisted still holds.  Twisted's ``write`` only
+    buffers: it registers the socket for writing and sends on the next reactor
+    turn, then unregisters once drained, so every write costs two
+    ``epoll_ctl`` calls, a reactor turn and a copy into its buffer.  When
+    Twisted holds nothing for this socket we call ``send`` (or ``sendmsg`` for
+    pieces, without joining them) ourselves and hand Twisted only what the
+    kernel did not take.  Anything unusual (not a plain socket transport,
+    closing, queued bytes or file descriptors, a socket error) goes through
+    Twisted's own write path unchanged, so the reactor still meets every error
+    and every close itself.
+    """
+    pieces = data if isinstance(data, list) else None
+    handle = getattr(transport, "socket", None)
+    if (
+        not isinstance(transport, tcp.Connection)
+        or handle is None
+        or not transport.connected
+        or transport.disconnecting
+        or transport._aborting
+        or transport._writeDisconnecting
+        or transport._writeDisconnected
+        or transport._tempDataLen
+        or len(transport.dataBuffer) > transport.offset
+        or getattr(transport, "_sendmsgQueue", None)
+    ):
+        return _write_later(transport, data)
+    try:
+        sent = handle.sendmsg(pieces) if pieces is not None else handle.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        # Let Twisted send it and meet the error itself (connectionLost).
+        return _write_later(transport, data)
+    if pieces is None:
+        assert isinstance(data, bytes)
+        if sent < len(data):
+            transport.write(data[sent:])
+        return len(data) - sent
+    rest: list[bytes] = []
+    for piece in pieces:
+        if sent >= len(piece):
+            sent -= len(piece)
+        else:
+            rest.append(piece[sent:] if sent else piece)
+            sent = 0
+    return _write_later(transport, rest) if rest else 0
+
+
+def _write_later(transport: Any, data: bytes | list[bytes]) -> int:
+    """Twisted's own buffered write (one ``write`` call, as for plain bytes)."""
+    if isinstance(data, list):
+        data = data[0] if len(data) == 1 else b"".join(data)
+    transport.write(data)
+    return len(data)
 
 
 def describe_address(address: object, unnamed: str) -> str:
@@ -112,13 +172,25 @@ class VPChannelProtocol(Protocol):
             self.channel.detach(self, reason.getErrorMessage())
 
     def wrote(self, data: bytes) -> None:
-        """Write one chunk, then wait for the transport to ask for the next."""
+        """Write one chunk; unless the kernel took it all, wait for the transport to drain it."""
         assert self.transport is not None
         if not data:
             return  # an empty write never drains, so it would never resume us
-        self.paused = True
-        self.pacer.wrote(len(data), self.channel.reactor.seconds())
-        self.transport.write(data)
+        pacer = self.pacer
+        now = self.channel.reactor.seconds()
+        pacer.wrote(len(data), now)
+        if pacer.chunk < pacer.maximum and len(data) >= pacer.chunk // 2:
+            # A full chunk on a slow (or not yet measured) channel goes through
+            # Twisted, and its drain time is what sizes the next one.
+            self.paused = True
+            self.transport.write(data)
+            return
+        if write_now(self.transport, data):
+            self.paused = True  # the transport resumes us once it drained the rest
+        else:
+            # The kernel took it at once: no wait, and no sample for the pacer
+            # (a short write would not have given one anyway).
+            pacer.discard_cycle()
 
     def pauseProducing(self) -> None:
         self.paused = True

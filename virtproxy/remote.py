@@ -188,7 +188,9 @@ class RemoteListener:
             return "remote-forward request"
         return f"remote forward {self.request.name!r} on {self.request.host}:{self.request.port}"
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: bytes | list[bytes]) -> None:
+        if isinstance(data, list):
+            data = b"".join(data)
         self.channel.consumed(self.stream_id, len(data))
         if self._done:
             return
@@ -357,7 +359,9 @@ class RemoteForwardClient:
             self.stream_id, encode_request(self.spec.host, self.spec.port, self.spec.name)
         )
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: bytes | list[bytes]) -> None:
+        if isinstance(data, list):
+            data = b"".join(data)
         if self.stream_id is None:
             return
         self.channel.consumed(self.stream_id, len(data))

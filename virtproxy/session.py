@@ -232,6 +232,8 @@ class Session:
         self._link_refused = False
         self._plain_hellos = 0
         self._now = 0.0
+        self._hellos_sent = 0  # in this session: the seq of our next HELLO
+        self._peer_hello_seq = -1  # seq of the peer's last HELLO we acted on
         self._data_flags = 0  # FLAG_HEADER_CRC once both sides offered it
         self._control: deque[tuple[int, int, bytes]] = deque()
         self._hello_queued = False
@@ -589,6 +591,9 @@ class Session:
     def _on_frame(self, frame: Frame, now: float) -> None:
         ftype = frame.type
         if ftype == FrameType.HELLO:
+            if self._duplicate_hello(frame):
+                self.stats.stale_frames += 1
+                return
             self._rx_seq = 0
             self._data_received = 0
             self._on_hello(frame, now)
@@ -628,6 +633,18 @@ class Session:
             return
         handler(self, frame, stream)
 
+    def _duplicate_hello(self, frame: Frame) -> bool:
+        """A HELLO we already acted on, repeated by the line (not sent again).
+
+        A HELLO's ``seq`` counts the HELLOs its sender sent in this session;
+        acting on a repeated one would reset the sequence check and let the
+        repeated frames after it through a second time.
+        """
+        if len(frame.payload) < 8 or self.state is not State.UP:
+            return False
+        (their,) = struct.unpack_from(">Q", frame.payload)
+        return their == self.peer_session and frame.seq == self._peer_hello_seq
+
     def _on_hello(self, frame: Frame, now: float) -> None:
         if frame.stream or len(frame.payload) < _HELLO.size:
             self.stats.protocol_errors += 1
@@ -647,6 +664,7 @@ class Session:
             return
         if self.state is State.DISCONNECTED:
             return
+        self._peer_hello_seq = frame.seq
         known = their == self.peer_session
         if not known:
             if self.state is State.UP:
@@ -950,7 +968,8 @@ class Session:
                 CAP_HEADER_CRC if self.config.header_crc else 0,
             ) + _HELLO_SESSION_WINDOW.pack(self.config.session_window)
             flags = 0 if self.state is State.UP else HELLO_ANSWER
-            size += encode_into(out, FrameType.HELLO, 0, payload, 0, flags)
+            size += encode_into(out, FrameType.HELLO, 0, payload, self._hellos_sent & 0xFF, flags)
+            self._hellos_sent += 1
             frames += 1
             seq = 0
             self._reset_flight()
@@ -1102,6 +1121,8 @@ class Session:
         self._recent_resets.clear()
         self._session_recv_credit = self.config.session_window
         self._session_unacked = 0
+        self._hellos_sent = 0
+        self._peer_hello_seq = -1
         self._queue_hello()
         self._next_hello = now + self.config.hello_interval
 

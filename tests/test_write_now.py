@@ -1,0 +1,113 @@
+"""``write_now``: straight to the socket when Twisted holds nothing, else Twisted's path.
+
+Real socket pairs wrapped in Twisted's tcp.Connection, on a MemoryReactor (so we
+see whether the transport registered itself for writing).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from virtproxy.protocol import write_now
+
+
+class Pair:
+    def __init__(self) -> None:
+        self.near, self.far = socket.socketpair()
+        self.near.setblocking(False)
+        self.far.setblocking(False)
+        self.reactor = MemoryReactorClock()
+        self.transport = tcp.Connection(self.near, Protocol(), self.reactor)
+        self.transport.connected = True
+
+    def writing(self) -> bool:
+        return self.transport in self.reactor.getWriters()
+
+    def drain(self) -> bytes:
+        """Read everything the far end can get, letting Twisted write its buffer."""
+        out = bytearray()
+        while True:
+            if self.writing():
+                self.transport.doWrite()
+            try:
+                data = self.far.recv(1 << 20)
+            except BlockingIOError:
+                if not self.writing():
+                    return bytes(out)
+                continue
+            out += data
+
+    def close(self) -> None:
+        self.near.close()
+        self.far.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    p = Pair()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def test_idle_socket_gets_the_bytes_at_once(pair: Pair) -> None:
+    assert write_now(pair.transport, b"hello") == 0
+    assert not pair.writing(), "registered for writing though nothing is buffered"
+    assert pair.far.recv(100) == b"hello"
+
+
+def test_pieces_go_in_one_send_and_in_order(pair: Pair) -> None:
+    assert write_now(pair.transport, [b"ab", b"", b"cde", b"f"]) == 0
+    assert not pair.writing()
+    assert pair.far.recv(100) == b"abcdef"
+
+
+@pytest.mark.parametrize("as_pieces", [False, True])
+def test_what_the_kernel_refuses_is_buffered_by_twisted(pair: Pair, as_pieces: bool) -> None:
+    pair.near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = bytes(range(256)) * 8192  # 2 MiB: more than the socket pair holds
+    pieces = [data[i : i + 100_000] for i in range(0, len(data), 100_000)]
+    left = write_now(pair.transport, pieces if as_pieces else data)
+    assert 0 < left < len(data)
+    assert pair.writing(), "the rest must wait in Twisted for the socket to drain"
+    # A write while Twisted holds bytes queues behind them, never jumps ahead.
+    assert write_now(pair.transport, b"tail") == 4
+    assert pair.drain() == data + b"tail"
+    assert not pair.writing()
+
+
+def test_socket_error_is_left_to_twisted(pair: Pair) -> None:
+    pair.far.close()
+    lost = []
+    pair.transport.connectionLost = lost.append  # type: ignore[method-assign]
+    assert write_now(pair.transport, b"x" * 1000) == 1000
+    assert pair.writing()
+    result = pair.transport.doWrite()  # Twisted meets the error on its own path
+    assert isinstance(result, Exception)
+
+
+def test_closing_transport_uses_twisted_write(pair: Pair) -> None:
+    pair.transport.disconnecting = True
+    assert write_now(pair.transport, b"late") == 4
+    assert pair.writing()
+
+
+def test_aborted_transport_sends_nothing(pair: Pair) -> None:
+    pair.transport.abortConnection()
+    write_now(pair.transport, b"after abort")
+    with pytest.raises(BlockingIOError):
+        pair.far.recv(100)
+
+
+def test_other_transports_use_their_write() -> None:
+    transport = StringTransport()
+    assert write_now(transport, b"abc") == 3
+    assert write_now(transport, [b"de", b"f"]) == 3
+    assert transport.value() == b"abcdef"
