@@ -121,6 +121,7 @@ class Harness:
         self.session = Session(CONFIGS[link])
         self.now = 0.0
         self.seq = 0
+        self.hellos_sent = 0
         self.reader = FrameDecoder()  # what the session sends, decoded
         self.unconsumed: dict[int, int] = {}
         self.last_write: dict[int, int] = {}
@@ -135,10 +136,13 @@ class Harness:
         self.feed(self.hello(ours))
         assert self.session.is_up
 
-    def hello(self, peer_session: int, session_id: int = PEER_ID) -> bytes:
+    def hello(self, peer_session: int, session_id: int = PEER_ID, repeat: bool = False) -> bytes:
+        """A HELLO whose seq counts this peer's HELLOs (``repeat``: the last one's again)."""
         self.seq = 0
+        if not repeat:
+            self.hellos_sent += 1
         payload = HELLO.pack(session_id, peer_session, 256, 1024, 8, 0)
-        return encode_frame(0x01, 0, payload, 0)
+        return encode_frame(0x01, 0, payload, (self.hellos_sent - 1) & 0xFF)
 
     def frame(self, ftype: int, stream: int, payload: bytes, seq: int | None, flags: int) -> bytes:
         if seq is None:
@@ -242,7 +246,8 @@ class Harness:
             self.feed(self.frame(ftype, stream, payload, seq, flags))
         elif kind == 5:  # a HELLO: the same peer, or a restarted one
             new_id = PEER_ID if op & 0x10 else PEER_ID + reader.byte() + 1
-            self.feed(self.hello(session.session_id if op & 0x20 else 0, new_id))
+            peer_session = session.session_id if op & 0x20 else 0
+            self.feed(self.hello(peer_session, new_id, repeat=bool(op & 0x40)))
         elif kind == 6:
             self.now += reader.byte() / 10
             session.tick(self.now)

@@ -290,15 +290,19 @@ class RawPeer:
         self.window = window
         self.max_streams = max_streams
         self.seq = 0
+        self.hellos_sent = 0
         self.decoder = FrameDecoder(MAX_PAYLOAD)
         self.received: list[Frame] = []
 
     def hello(self, peer_session: int) -> bytes:
+        """The next HELLO: its ``seq`` counts this peer's HELLOs (docs: "Loss detection")."""
         self.seq = 0
         payload = HELLO_STRUCT.pack(
             self.session_id, peer_session, self.max_frame, self.window, self.max_streams, 0
         )
-        return encode_frame(FrameType.HELLO, 0, payload, 0)
+        hello_seq = self.hellos_sent & 0xFF
+        self.hellos_sent += 1
+        return encode_frame(FrameType.HELLO, 0, payload, hello_seq)
 
     def frame(
         self, ftype: int, stream: int = 0, payload: bytes = b"", seq: int | None = None

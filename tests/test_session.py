@@ -1124,18 +1124,13 @@ def test_bit_flips_on_the_wire_never_deliver_wrong_data() -> None:
 # ============================================================================ strangers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: every HELLO restarts the receive sequence, so a line that "
-    "repeats a run [HELLO, DATA...] replays the DATA (fix in the session/link layer)",
-)
 def test_a_repeated_hello_and_data_run_is_not_delivered_twice() -> None:
     """A line that repeats a run of bytes must never make a stream deliver twice.
 
     An up side sends an agreeing HELLO when its peer asks (ANSWER flag), and
-    the frames after it restart at seq 0.  The receiver resets its expected
-    seq on every HELLO, so the same run arriving twice passes the sequence
-    check and the DATA in it reaches the client twice (a wrong byte).
+    the frames after it restart at seq 0.  Until 506701e the receiver reset its
+    expected seq on every HELLO, so the same run arriving twice passed the
+    sequence check and its DATA reached the client twice (a wrong byte).
     """
     session, peer = raw_session()
     key = raw_open(session, peer, 1)
