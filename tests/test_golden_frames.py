@@ -118,6 +118,17 @@ GOLDEN: list[tuple[str, int, int, bytes, int, int, str]] = [
         0x01,
         "a55c0121010000000006000cbb1d112233440000000000000005cb883474",
     ),
+    # A resend of chunk 5 split in parts (flag 0x04): bytes 1024.. of a 2048-byte
+    # chunk; seq 1 says this is the chunk's second copy.
+    (
+        "LINK_DATA+PART",
+        0x20,
+        5,
+        LINK_EPOCH + (1024).to_bytes(4, "big") + (2048).to_bytes(4, "big") + b"hi",
+        1,
+        0x04,
+        "a55c0120040100000005000ed9f311223344000004000000080068690bdbdf98",
+    ),
     # The same HELLO with the ANSWER flag (0x01): what a side sends while its session is not up.
     (
         "HELLO+ANSWER",

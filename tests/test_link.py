@@ -19,7 +19,7 @@ from sessionpair import A, B, SessionPair, peer_id
 
 from virtproxy import events as ev
 from virtproxy.frames import OPENER_BIT, Damage, Frame, FrameDecoder, FrameType, encode_frame
-from virtproxy.link import FLAG_NAK, LINK_WINDOW, RTO_MAX, ReliableLink
+from virtproxy.link import FLAG_NAK, FLAG_PART, LINK_WINDOW, RTO_MAX, ReliableLink
 from virtproxy.session import LINK_DECODER_TYPES, SessionConfig
 
 
@@ -402,3 +402,30 @@ def test_a_session_frame_inside_a_damaged_chunk_holds_nothing_up() -> None:
     items = linked.feed(bytes(chunk) + ack)
     assert [type(item) for item in items] == [Damage, Frame]
     assert items[1].type == FrameType.LINK_ACK
+
+
+def test_a_large_chunk_is_resent_in_parts_that_add_up() -> None:
+    a, b = ReliableLink(), ReliableLink()
+    (big,) = send(a, bytes(range(256)) * 16, size=4096)  # made while the line was clean
+    a.chunk_limit = 1024  # the line turned noisy since
+    a.tick(a.deadline() or 0.0)  # lost: the timer resends it
+    parts = control(a, 10.0)
+    assert len(parts) == 4 and all(p.flags & FLAG_PART and p.seq == 1 for p in parts)
+    assert deliver(b, parts[:3]) == b"" and b.assembling == 1
+    a.chunk_limit = 512  # smaller still: the next resend cuts other parts
+    b.on_damage(Damage(big.stream, 1, FrameType.LINK_DATA, 0))  # the 4th part was damaged
+    a.on_ack(control(b)[0], 10.1)  # NAK of copy 1, the latest: resent at once
+    again = control(a, 10.1)  # the loss halved the chunk size again: 256-byte parts
+    assert len(again) == 16 and all(p.seq == 2 for p in again)
+    assert deliver(b, again[-4:]) == bytes(range(256)) * 16  # only the missing bytes were needed
+    assert b.assembling == 0
+
+
+def test_a_nak_of_an_older_copy_does_not_resend() -> None:
+    a = ReliableLink()
+    send(a, b"z" * 50)
+    a.tick(a.deadline() or 0.0)
+    control(a, 5.0)  # copy 1 is on its way
+    nak = Frame(FrameType.LINK_ACK, 0, a.epoch.to_bytes(4, "big") + bytes(8), 0, FLAG_NAK)
+    a.on_ack(nak, 5.001)  # copy 0 arrived damaged: copy 1 may still make it
+    assert control(a, 5.001) == []

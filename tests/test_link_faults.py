@@ -147,17 +147,9 @@ CASES = [
     # Stalled until f8fa646: the channel decoder resynchronised onto a session
     # frame inside a damaged chunk and waited out its 7.5 s stall timeout.
     pytest.param(TCP_LIKE, 34, id="tcp-like-seed34"),
-    pytest.param(
-        TCP_LIKE,
-        10,
-        id="tcp-like-seed10",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="known bug: a chunk made while the link was clean (16 KiB here) is resent "
-            "whole after chunk_limit fell to 128; at 1e-4 it rarely arrives intact, the "
-            "receiver's 63 held chunks fill the window, and no transfer moves for 15 s",
-        ),
-    ),
+    # Stalled until chunks were resent in parts: a 16 KiB chunk made while the
+    # link was clean was resent whole after chunk_limit fell to 128.
+    pytest.param(TCP_LIKE, 10, id="tcp-like-seed10"),
     pytest.param(SERIAL_LIKE, 3, id="serial-like-seed3"),
     pytest.param(SERIAL_LIKE, 4, id="serial-like-seed4"),
 ]
@@ -169,18 +161,9 @@ CASES += [
     pytest.param(SERIAL_LIKE, 1, MIXED, id="serial-like-mixed-seed1"),
     # Stalled until f8fa646 (resends swallowed while the decoder waited on a frame).
     pytest.param(SERIAL_LIKE, 32, MIXED, id="serial-like-mixed-seed32"),
-    pytest.param(
-        SERIAL_LIKE,
-        52,
-        MIXED,
-        id="serial-like-mixed-seed52",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="known bug: the last unacknowledged chunk (4 KiB, made before chunk_limit "
-            "fell) is resent whole once per timeout, backing off to 3 s; transfers see no "
-            "byte for 15 s",
-        ),
-    ),
+    # Stalled until chunks were resent in parts (a 4 KiB chunk resent whole,
+    # once per timeout).
+    pytest.param(SERIAL_LIKE, 52, MIXED, id="serial-like-mixed-seed52"),
 ]
 
 

@@ -31,6 +31,11 @@ from .frames import FRAME_OVERHEAD, MAX_PAYLOAD, Damage, Frame, FrameType, encod
 LINK_WINDOW = 64
 #: LINK_ACK flag: the chunk at the acknowledged index arrived damaged.
 FLAG_NAK = 0x01
+#: LINK_DATA flag: the payload is one part of a chunk (a resend split at the
+#: current chunk size): epoch, offset and total length, then the bytes.
+FLAG_PART = 0x04
+#: A receiver assembles at most this many split chunks at once.
+MAX_ASSEMBLIES = 8
 #: The 4-byte epoch that starts every LINK_DATA payload.
 EPOCH_SIZE = 4
 #: Retransmission timer bounds (seconds); it starts at RTO_INITIAL.
@@ -49,6 +54,7 @@ CHUNK_GROWTH = 16
 _MASK = 0xFFFFFFFF
 _EPOCH = struct.Struct(">I")
 _ACK = struct.Struct(">IQ")  # epoch of the data acknowledged, bitmap
+_PART = struct.Struct(">III")  # epoch, offset in the chunk, the chunk's length
 
 
 def _new_epoch() -> int:
@@ -74,6 +80,23 @@ class LinkStats:
     damaged: int = 0
     out_of_order: int = 0
     peer_restarts: int = 0
+
+
+class _Assembly:
+    """The parts of one split chunk received so far."""
+
+    __slots__ = ("data", "have", "missing")
+
+    def __init__(self, total: int) -> None:
+        self.data = bytearray(total)
+        self.have = bytearray(total)  # 1 where a byte arrived
+        self.missing = total
+
+    def add(self, offset: int, piece: bytes) -> None:
+        end = offset + len(piece)
+        self.missing -= len(piece) - self.have.count(1, offset, end)
+        self.data[offset:end] = piece
+        self.have[offset:end] = b"\x01" * len(piece)
 
 
 @dataclass(slots=True)
@@ -107,17 +130,20 @@ class ReliableLink:
         self.peer_epoch: int | None = None
         self._expected = 0
         self._held: dict[int, bytes] = {}
+        self._parts: dict[int, _Assembly] = {}
         self._ack_due = False
         self._nak = False
+        self._nak_copy = 0  # which send of the chunk arrived damaged (its seq byte)
         #: Set when the peer's link started over; the owner resets its decoder.
         self.peer_restarted = False
 
     # ------------------------------------------------------------------ receiving
 
     def on_data(self, frame: Frame, now: float) -> bytes:
-        """A LINK_DATA chunk: return the session bytes it makes available, in order."""
+        """A LINK_DATA chunk (or part): return the session bytes it makes available, in order."""
         payload = frame.payload
-        if len(payload) < EPOCH_SIZE:
+        split = frame.flags & FLAG_PART
+        if len(payload) < (_PART.size if split else EPOCH_SIZE):
             return b""
         (epoch,) = _EPOCH.unpack_from(payload)
         index = frame.stream
@@ -125,15 +151,22 @@ class ReliableLink:
             self._peer_started(epoch, index)
         self._ack_due = True
         ahead = (index - self._expected) & _MASK
-        if ahead >= LINK_WINDOW:
+        if ahead >= LINK_WINDOW or index in self._held:
             self.stats.duplicates += 1  # already delivered (or nonsense): drop
             return b""
+        if split:
+            whole = self._assemble(index, payload)
+            if whole is None:
+                return b""
+        else:
+            self._parts.pop(index, None)
+            whole = payload[EPOCH_SIZE:]
         if ahead:
             self.stats.out_of_order += 1
-            self._held.setdefault(index, payload[EPOCH_SIZE:])
+            self._held[index] = whole
             return b""
         self._nak = False
-        pieces = [payload[EPOCH_SIZE:]]
+        pieces = [whole]
         expected = (index + 1) & _MASK
         held = self._held
         while held:
@@ -145,6 +178,25 @@ class ReliableLink:
         self._expected = expected
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def _assemble(self, index: int, payload: bytes) -> bytes | None:
+        """Add a part of a split chunk; the whole chunk once every byte is there."""
+        _, offset, total = _PART.unpack_from(payload)
+        piece = payload[_PART.size :]
+        if not piece or not 0 < total <= MAX_PAYLOAD or offset + len(piece) > total:
+            return None  # nonsense from a peer: ignore
+        parts = self._parts
+        assembly = parts.get(index)
+        if assembly is None or len(assembly.data) != total:
+            if len(parts) >= MAX_ASSEMBLIES:
+                farthest = max(parts, key=lambda i: (i - self._expected) & _MASK)
+                del parts[farthest]
+            assembly = parts[index] = _Assembly(total)
+        assembly.add(offset, piece)
+        if assembly.missing:
+            return None
+        del parts[index]
+        return bytes(assembly.data)
+
     def on_damage(self, damage: Damage) -> None:
         """A chunk whose header survived but whose payload did not: ask again."""
         if damage.type != FrameType.LINK_DATA:
@@ -153,6 +205,7 @@ class ReliableLink:
         self._ack_due = True
         if damage.stream == self._expected:
             self._nak = True
+            self._nak_copy = damage.seq
 
     def _peer_started(self, epoch: int, index: int) -> None:
         """A chunk of an epoch we don't know: the peer's link (re)started, or we did.
@@ -169,6 +222,7 @@ class ReliableLink:
         self.peer_epoch = epoch
         self._expected = index
         self._held.clear()
+        self._parts.clear()
         self._nak = False
 
     def nudge(self) -> None:
@@ -219,8 +273,9 @@ class ReliableLink:
                 self._lost()
         if frame.flags & FLAG_NAK and cumulative in chunks and cumulative not in resend:
             chunk = chunks[cumulative]
-            # The damaged copy was the last one sent, unless a resend is under way.
-            if chunk.sends == 1 or now - chunk.sent_at >= (self.srtt or self.rto):
+            # The NAK names the copy that arrived damaged (the seq byte counts a
+            # chunk's sends): if it is the latest, no other copy is on its way.
+            if frame.seq == (chunk.sends - 1) & 0xFF:
                 resend.appendleft(cumulative)
                 self._lost()
 
@@ -299,10 +354,10 @@ class ReliableLink:
             expected = self._expected
             for index in self._held:
                 bitmap |= 1 << (((index - expected) & _MASK) - 1)
-            flags = FLAG_NAK if self._nak else 0
+            flags, copy = (FLAG_NAK, self._nak_copy) if self._nak else (0, 0)
             self._nak = False
             payload = _ACK.pack(self.peer_epoch or 0, bitmap)
-            size += encode_into(out, FrameType.LINK_ACK, expected, payload, 0, flags)
+            size += encode_into(out, FrameType.LINK_ACK, expected, payload, copy, flags)
         resend = self._resend
         while resend and size < limit:
             index = resend.popleft()
@@ -314,7 +369,25 @@ class ReliableLink:
             self._sends += 1
             chunk.order = self._sends
             self.stats.retransmits += 1
-            size += encode_into(out, FrameType.LINK_DATA, index, chunk.payload, 0)
+            size += self._resend_chunk(out, index, chunk.payload, (chunk.sends - 1) & 0xFF)
+        return size
+
+    def _resend_chunk(self, out: list[bytes], index: int, payload: bytes, copy: int) -> int:
+        """Send a chunk again; split into parts if it is much larger than chunks are now.
+
+        A chunk made while the line was clean can be many times the size that
+        gets through now; sent whole it might never arrive intact.  The
+        receiver keeps the parts that arrive, so each resend completes more.
+        """
+        data = memoryview(payload)[EPOCH_SIZE:]
+        part = self.chunk_limit
+        if len(data) <= 2 * part:
+            return encode_into(out, FrameType.LINK_DATA, index, payload, copy)
+        size = 0
+        (epoch,) = _EPOCH.unpack_from(payload)
+        for offset in range(0, len(data), part):
+            piece = _PART.pack(epoch, offset, len(data)) + data[offset : offset + part]
+            size += encode_into(out, FrameType.LINK_DATA, index, piece, copy, FLAG_PART)
         return size
 
     def write_data(self, out: list[bytes], data: bytes, size: int, now: float) -> int:
@@ -353,3 +426,8 @@ class ReliableLink:
     def held(self) -> int:
         """Chunks received out of order, waiting for a hole (a bound: LINK_WINDOW)."""
         return len(self._held)
+
+    @property
+    def assembling(self) -> int:
+        """Split chunks partly received (a bound: MAX_ASSEMBLIES)."""
+        return len(self._parts)

@@ -424,20 +424,12 @@ LINK_CASES = {
         FaultRates(corrupt=1e-4, drop=1e-5, duplicate=1e-5, truncate=1e-5),
     ),
 }
-#: Until a chunk is resent at the current chunk size (tests/test_link_faults.py:
-#: tcp-like-seed10 and serial-like-mixed-seed52 are deterministic reproducers),
-#: a transfer can wait over 15 s for its repair at these rates.  Not strict: most
-#: runs pass.  Remove once those reproducers pass.
-LINK_KNOWN_STALL = pytest.mark.xfail(
-    strict=False, reason="known link stall: a large old chunk resent whole (test_link_faults)"
-)
-LINK_MARKS = {"tcp-corrupt": LINK_KNOWN_STALL, "serial-mixed": LINK_KNOWN_STALL}
 
 
 @requires_link
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(c, marks=LINK_MARKS.get(c, ())) for c in LINK_CASES],
+    LINK_CASES,
 )
 def test_link_layer_repairs_faults_all_transfers_byte_exact(
     daemons, backends, fault_relays, short_dir, case
