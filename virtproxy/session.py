@@ -144,6 +144,25 @@ LINK_DECODER_TYPES = LINK_FRAME_TYPES | {FrameType.HELLO}
 PLAIN_HELLOS_TO_DROP_LINK = 3
 
 
+class TokenBucket:
+    """``rate`` events a second, sustained, in bursts of up to twice that."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = 2.0 * rate
+        self.at = 0.0
+
+    def take(self, now: float) -> bool:
+        """Spend a token if one is there (time is an argument, as everywhere here)."""
+        elapsed = max(0.0, now - self.at)
+        self.tokens = min(2.0 * self.rate, self.tokens + elapsed * self.rate)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 class State(Enum):
     DISCONNECTED = auto()
     HANDSHAKING = auto()
@@ -260,15 +279,13 @@ class Session:
         self._last_pong: tuple[float, int] | None = None
         self._rates: deque[tuple[float, float]] = deque()
         self.flight_cap: int | None = FLIGHT_INITIAL
-        self._open_tokens = 2.0 * self.config.max_open_rate
-        self._open_tokens_at = 0.0
-        self._reset_tokens = 2.0 * self.config.max_reset_rate
-        self._reset_tokens_at = 0.0
+        #: Peer OPENs and RESETs ("rapid reset" would turn a peer into a connect flood).
+        self._opens = TokenBucket(self.config.max_open_rate)
+        self._resets = TokenBucket(self.config.max_reset_rate)
         # Session window (docs/protocol.rst, "Flow control"); None: no bound.
         self._session_credit: int | None = None  # what we may still send
         self._session_recv_credit = self.config.session_window  # what the peer may
         self._session_unacked = 0  # delivered since our last session WINDOW
-        self._pending_count = 0
 
     # ------------------------------------------------------------------ owner API
 
@@ -729,17 +746,11 @@ class Session:
         self._restart(now, text, Reason.SESSION_LOST)
 
     def _take_reset_token(self) -> bool:
-        """Token bucket for peer RESETs ("rapid reset"): past it, the session ends."""
-        rate = self.config.max_reset_rate
-        now = self._now
-        elapsed = max(0.0, now - self._reset_tokens_at)
-        self._reset_tokens = min(2.0 * rate, self._reset_tokens + elapsed * rate)
-        self._reset_tokens_at = now
-        if self._reset_tokens >= 1.0:
-            self._reset_tokens -= 1.0
+        """A peer RESET within max_reset_rate; past it, the session ends."""
+        if self._resets.take(self._now):
             return True
         self.stats.limit_hits += 1
-        self._restart(now, "the peer resets streams too fast", Reason.LIMIT)
+        self._restart(self._now, "the peer resets streams too fast", Reason.LIMIT)
         return False
 
     def _take_session_credit(self, size: int) -> bool:
@@ -772,16 +783,10 @@ class Session:
             return
         self._session_credit = credit + increment
 
-    def _take_open_token(self, now: float) -> bool:
-        """Token bucket for peer OPENs: max_open_rate a second, bursts of twice that."""
-        rate = self.config.max_open_rate
-        elapsed = max(0.0, now - self._open_tokens_at)
-        self._open_tokens = min(2.0 * rate, self._open_tokens + elapsed * rate)
-        self._open_tokens_at = now
-        if self._open_tokens < 1.0:
-            return False
-        self._open_tokens -= 1.0
-        return True
+    def _refuse_open(self, frame: Frame, message: str) -> None:
+        """OPEN_FAIL(LIMIT): a limit of ours, not a fault of the peer's."""
+        self.stats.limit_hits += 1
+        self._queue_reason(FrameType.OPEN_FAIL, frame.stream ^ OPENER_BIT, Reason.LIMIT, message)
 
     def _on_open(self, frame: Frame, key: int, now: float) -> None:
         number = key & MAX_STREAM_NUMBER
@@ -795,13 +800,7 @@ class Session:
         self._highest_peer_number = number
         name = frame.payload
         if valid_service_name(name) and len(name) > self.config.max_service_name:
-            self.stats.limit_hits += 1
-            self._queue_reason(
-                FrameType.OPEN_FAIL,
-                frame.stream ^ OPENER_BIT,
-                Reason.LIMIT,
-                "service name too long",
-            )
+            self._refuse_open(frame, "service name too long")
             return
         if not valid_service_name(name):
             self.stats.protocol_errors += 1
@@ -810,16 +809,10 @@ class Session:
             )
             return
         if self._peer_opened >= self.config.max_streams:
-            self.stats.limit_hits += 1
-            self._queue_reason(
-                FrameType.OPEN_FAIL, frame.stream ^ OPENER_BIT, Reason.LIMIT, "too many streams"
-            )
+            self._refuse_open(frame, "too many streams")
             return
-        if not self._take_open_token(now):
-            self.stats.limit_hits += 1
-            self._queue_reason(
-                FrameType.OPEN_FAIL, frame.stream ^ OPENER_BIT, Reason.LIMIT, "opening too fast"
-            )
+        if not self._opens.take(now):
+            self._refuse_open(frame, "opening too fast")
             return
         self._peer_opened += 1
         stream = Stream(key, name.decode("ascii"), ours=False, state=StreamState.ACCEPTING)
