@@ -25,28 +25,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # virtproxy, from a checkout
+sys.path.insert(0, str(HERE))  # fuzzkit
 
-try:
-    import atheris
-except ImportError:  # check() still works; main() says what is missing
-    atheris = None
+from fuzzkit import Reader, instrumented_imports, run  # noqa: E402
 
-if atheris is not None:
-    with atheris.instrument_imports():
-        from virtproxy.frames import (
-            FRAME_OVERHEAD,
-            LINK_DATA_TYPE,
-            LINK_SLACK,
-            MAX_PAYLOAD,
-            MIN_MAX_FRAME,
-            Damage,
-            Frame,
-            FrameDecoder,
-            FrameType,
-            encode_frame,
-        )
-else:
+with instrumented_imports():
     from virtproxy.frames import (
         FRAME_OVERHEAD,
         LINK_DATA_TYPE,
@@ -64,29 +49,6 @@ else:
 #: Every frame type, two unknown ones, and the link layer's (whose LINK_DATA
 #: may exceed max_payload by LINK_SLACK).
 FRAME_TYPES = [int(t) for t in FrameType] + [0x00, 0x17, 0x22, 0xFF]
-
-
-class Reader:
-    """Takes control values off the front of the input (no atheris needed)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def byte(self) -> int:
-        if self.pos >= len(self.data):
-            return 0
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def take(self, count: int) -> bytes:
-        chunk = self.data[self.pos : self.pos + count]
-        self.pos += len(chunk)
-        return chunk
-
-    @property
-    def left(self) -> int:
-        return len(self.data) - self.pos
 
 
 def make_chunk(reader: Reader, size: int, max_payload: int) -> bytes:
@@ -163,10 +125,7 @@ def check(data: bytes) -> None:
 
 
 def main() -> None:
-    if atheris is None:
-        sys.exit("atheris is not installed: pip install atheris (see fuzz/README.rst)")
-    atheris.Setup(sys.argv, check)
-    atheris.Fuzz()
+    run(check)
 
 
 if __name__ == "__main__":

@@ -30,29 +30,22 @@ import struct
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # virtproxy, from a checkout
+sys.path.insert(0, str(HERE))  # fuzzkit
 
-try:
-    import atheris
-except ImportError:
-    atheris = None
+from fuzzkit import Reader, instrumented_imports, run  # noqa: E402
 
-if atheris is not None:
-    with atheris.instrument_imports():
-        from virtproxy import events as ev
-        from virtproxy import session as session_module
-        from virtproxy.frames import (
-            FRAME_OVERHEAD,
-            LINK_SLACK,
-            OPENER_BIT,
-            FrameDecoder,
-            encode_frame,
-        )
-        from virtproxy.link import LINK_WINDOW
-else:
+with instrumented_imports():
     from virtproxy import events as ev
     from virtproxy import session as session_module
-    from virtproxy.frames import FRAME_OVERHEAD, LINK_SLACK, OPENER_BIT, FrameDecoder, encode_frame
+    from virtproxy.frames import (
+        FRAME_OVERHEAD,
+        LINK_SLACK,
+        OPENER_BIT,
+        FrameDecoder,
+        encode_frame,
+    )
     from virtproxy.link import LINK_WINDOW
 
 Session = session_module.Session
@@ -73,40 +66,12 @@ CONFIGS = {
     )
     for link in ("auto", "off")
 }
-CONFIG = SessionConfig(
-    max_frame=256,
-    window=1024,
-    max_streams=4,
-    max_open_rate=20.0,
-    send_high_water=2048,
-    keepalive_interval=5.0,
-    keepalive_timeout=20.0,
-)
+#: The limits the invariants check (the same in every mode).
+CONFIG = CONFIGS["auto"]
 #: Stream ids the input can name: a few of each side's, and raw 32-bit values.
 FRAME_TYPES = [0x01, 0x02, 0x03, 0x04, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x00, 0x17]
 #: The link layer's frames: in "auto" mode a LINK_DATA turns the link on.
 FRAME_TYPES += [0x20, 0x21]
-
-
-class Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def byte(self) -> int:
-        if self.pos >= len(self.data):
-            return 0
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def take(self, count: int) -> bytes:
-        chunk = self.data[self.pos : self.pos + count]
-        self.pos += len(chunk)
-        return chunk
-
-    @property
-    def left(self) -> int:
-        return len(self.data) - self.pos
 
 
 def control_backlog(session: Session) -> int:
@@ -318,10 +283,7 @@ def check(data: bytes) -> None:
 
 
 def main() -> None:
-    if atheris is None:
-        sys.exit("atheris is not installed: pip install atheris (see fuzz/README.rst)")
-    atheris.Setup(sys.argv, check)
-    atheris.Fuzz()
+    run(check)
 
 
 if __name__ == "__main__":
