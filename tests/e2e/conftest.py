@@ -739,6 +739,32 @@ def backends():
 # --------------------------------------------------------------------------- client helpers
 
 
+def describe_error(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def send_then_half_close(
+    sock: socket.socket, payload: bytes, chunk: int = 16384
+) -> tuple[threading.Thread, list[BaseException]]:
+    """Send ``payload`` on a thread (so the caller can read the echo meanwhile),
+    then shut the write side down.  Returns the thread and a list that gets
+    the exception if sending failed (a reset, a broken pipe)."""
+    errors: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            view = memoryview(payload)
+            for off in range(0, len(view), chunk):
+                sock.sendall(view[off : off + chunk])
+            sock.shutdown(socket.SHUT_WR)
+        except BaseException as e:  # reported by the caller
+            errors.append(e)
+
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+    return thread, errors
+
+
 def connect(
     port: int | None = None, path: str | None = None, timeout: float = SOCK_TIMEOUT
 ) -> socket.socket:
@@ -773,19 +799,7 @@ def echo_roundtrip(
     """Send ``data`` from a thread while reading the echo; half-close after
     sending; return everything read up to EOF."""
     s = connect(port, path, timeout)
-    err: list[BaseException] = []
-
-    def sender():
-        try:
-            view = memoryview(data)
-            for i in range(0, len(view), chunk):
-                s.sendall(view[i : i + chunk])
-            s.shutdown(socket.SHUT_WR)
-        except BaseException as e:  # reported below
-            err.append(e)
-
-    t = threading.Thread(target=sender, daemon=True)
-    t.start()
+    t, err = send_then_half_close(s, data, chunk)
     try:
         got = recv_all(s)
     finally:

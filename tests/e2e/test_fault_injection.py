@@ -42,7 +42,9 @@ from vp_e2e import (
     Pair,
     daemon_cmd,
     daemon_env,
+    describe_error,
     free_port,
+    send_then_half_close,
     wait_listening,
 )
 
@@ -96,19 +98,7 @@ def echo_transfer(port: int, payload: bytes) -> Outcome:
         s = socket.create_connection((LOOPBACK, port), timeout=STALL)
     except OSError as e:
         return Outcome(len(payload), 0, "reset", f"connect: {e}")
-    send_error: list[str] = []
-
-    def sender() -> None:
-        try:
-            view = memoryview(payload)
-            for off in range(0, len(view), 16384):
-                s.sendall(view[off : off + 16384])
-            s.shutdown(socket.SHUT_WR)
-        except OSError as e:
-            send_error.append(f"{type(e).__name__}: {e}")
-
-    t = threading.Thread(target=sender, daemon=True)
-    t.start()
+    t, send_error = send_then_half_close(s, payload)
     got = bytearray()
     how = "complete"
     try:
@@ -128,7 +118,7 @@ def echo_transfer(port: int, payload: bytes) -> Outcome:
         t.join(STALL)
     if how == "complete" and len(got) != len(payload):
         how = "reset" if send_error else "short EOF"
-    return Outcome(len(payload), len(got), how, "; ".join(send_error))
+    return Outcome(len(payload), len(got), how, "; ".join(map(describe_error, send_error)))
 
 
 def run_transfers(

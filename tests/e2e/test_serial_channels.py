@@ -38,9 +38,11 @@ from vp_e2e import (
     Pair,
     SinkServer,
     connect,
+    describe_error,
     echo_roundtrip,
     free_port,
     recv_all,
+    send_then_half_close,
     wait_closed,
     wait_listening,
 )
@@ -166,19 +168,7 @@ def echo_stream(port: int, payload: bytes, timeout: float = SOCK_TIMEOUT) -> Out
     """Send ``payload`` (then half-close) while reading the echo; never raises
     for a reset: the outcome says how the stream ended."""
     s = connect(port, timeout=timeout)
-    send_err: list[str] = []
-
-    def sender():
-        try:
-            view = memoryview(payload)
-            for off in range(0, len(view), 16384):
-                s.sendall(view[off : off + 16384])
-            s.shutdown(socket.SHUT_WR)
-        except OSError as e:
-            send_err.append(f"{type(e).__name__}: {e}")
-
-    t = threading.Thread(target=sender, daemon=True)
-    t.start()
+    t, send_err = send_then_half_close(s, payload)
     buf = bytearray()
     how = "eof"
     try:
@@ -196,7 +186,7 @@ def echo_stream(port: int, payload: bytes, timeout: float = SOCK_TIMEOUT) -> Out
     finally:
         t.join(timeout)
         s.close()
-    return Outcome(bytes(buf), how, send_err[0] if send_err else None)
+    return Outcome(bytes(buf), how, describe_error(send_err[0]) if send_err else None)
 
 
 def run_parallel(fn, args_list):
