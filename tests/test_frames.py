@@ -384,3 +384,23 @@ def test_header_crc_data_is_accepted_only_where_agreed() -> None:
     assert not any(
         isinstance(item, Frame) for item in FrameDecoder(header_crc_ok=True).feed(bytes(flipped))
     )
+
+
+def test_data_payloads_are_views_of_the_read_and_split_frames_still_exact() -> None:
+    """Whole DATA frames in one read come out as views of it (no copy); a
+    frame split across reads is assembled, and the frames after it in the
+    same read are views again."""
+    payloads = [bytes([n]) * (1000 + n) for n in range(4)]
+    wire = b"".join(encode_frame(FrameType.DATA, 5, p, n) for n, p in enumerate(payloads))
+    wire += encode_frame(FrameType.EOF, 5, b"", 4)
+    cut = len(wire) // 3  # inside the second frame
+    decoder = FrameDecoder()
+    first = decoder.feed(wire[:cut])
+    rest = decoder.feed(wire[cut:])
+    frames = first + rest
+    assert [f.payload for f in frames] == [*payloads, b""]
+    assert isinstance(first[0].payload, memoryview)
+    assert isinstance(rest[0].payload, bytes)  # the split one: assembled in our buffer
+    assert all(isinstance(f.payload, memoryview) for f in rest[1:-1])
+    assert isinstance(rest[-1].payload, bytes)  # not DATA: always bytes
+    assert decoder.buffered == 0

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from virtproxy import events as ev
-from virtproxy.frames import Reason, describe_reason
+from virtproxy.frames import Payload, Reason, describe_reason
 from virtproxy.session import Session, SessionConfig
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class StreamEnd(Protocol):
 
     service: str
 
-    def deliver(self, data: bytes | list[bytes]) -> None:
+    def deliver(self, data: Payload | list[Payload]) -> None:
         """Peer data: one payload, or several in a row (written at once)."""
 
     def resume_reading(self) -> None: ...
@@ -253,7 +253,7 @@ class Channel:
             return
         if not protocol.paused and session.has_data_to_send():
             chunk = protocol.pacer.chunk
-            data = session.data_to_send(chunk, chunk, self.reactor.seconds())
+            data = session.pieces_to_send(chunk, chunk, self.reactor.seconds())
             protocol.wrote(data)
             # Go round again for events, and for more data if the kernel took
             # all of this at once (the transport will not ask for it).
@@ -306,7 +306,7 @@ class Channel:
                 self._dispatch(event)
                 continue
             stream_id = event.stream_id
-            pieces: list[bytes] | None = None
+            pieces: list[Payload] | None = None
             while index < count:
                 following = events[index]
                 if (

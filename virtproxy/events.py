@@ -62,7 +62,8 @@ class StreamRejected:
 @dataclass(frozen=True, slots=True)
 class DataReceived:
     stream_id: int
-    data: bytes
+    #: A view into the bytes read from the channel, where the frame lay whole in one read.
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from virtproxy.channel import Channel
-from virtproxy.frames import describe_reason
+from virtproxy.frames import Payload, describe_reason
 from virtproxy.protocol import VPChannelProtocol, describe_address, write_now
 
 #: Bytes read from a local socket at a time (Twisted's default is 64 KiB): one
@@ -135,12 +135,12 @@ class ProxyProtocol(Protocol):
 
     # -------------------------------------------------------------- from the channel
 
-    def deliver(self, data: bytes | list[bytes]) -> None:
+    def deliver(self, data: Payload | list[Payload]) -> None:
         """Peer data (bytes, or pieces in order): write it, and grant credit
         only once the socket took it."""
         if self.transport is None:
             return
-        size = len(data) if isinstance(data, bytes) else sum(map(len, data))
+        size = sum(map(len, data)) if isinstance(data, list) else len(data)
         self.bytes_out += size
         write_now(self.transport, data)
         if self._write_paused:

@@ -20,6 +20,11 @@ VERSION = 1
 _HEADER = struct.Struct(">2sBBBBIH")
 _HCHECK = struct.Struct(">H")
 _CRC = struct.Struct(">I")
+_LENGTH = struct.Struct(">H")  # a header's payload length, at offset 10
+
+#: Payload bytes as the codec hands them out: a DATA payload may be a view
+#: into the bytes read (no copy), everything else is ``bytes``.
+Payload = bytes | memoryview
 
 HEADER_SIZE = _HEADER.size + _HCHECK.size  # 14
 TRAILER_SIZE = _CRC.size  # 4
@@ -106,7 +111,8 @@ class Frame:
 
     type: int
     stream: int
-    payload: bytes
+    #: A DATA payload may be a memoryview into the bytes read (see ``feed``).
+    payload: bytes | memoryview
     seq: int = 0
     flags: int = 0
 
@@ -131,7 +137,12 @@ def encode_header(ftype: int, stream: int, length: int, seq: int, flags: int = 0
 
 
 def encode_into(
-    out: list[bytes], ftype: int, stream: int, payload: bytes, seq: int, flags: int = 0
+    out: list[bytes | memoryview],
+    ftype: int,
+    stream: int,
+    payload: bytes | memoryview,
+    seq: int,
+    flags: int = 0,
 ) -> int:
     """Append one frame's pieces to ``out`` (joined once by the caller); return its size.
 
@@ -154,7 +165,7 @@ def encode_frame(
     """Encode one frame as bytes."""
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
-    out: list[bytes] = []
+    out: list[bytes | memoryview] = []
     encode_into(out, ftype, stream, payload, seq, flags)
     return b"".join(out)
 
@@ -224,24 +235,72 @@ class FrameDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes, now: float = 0.0) -> list[Frame | Damage]:
-        """Decode what ``data`` completes; ``now`` dates a partial frame (see stall_deadline)."""
+        """Decode what ``data`` completes; ``now`` dates a partial frame (see stall_deadline).
+
+        DATA payloads are handed out as memoryviews into ``data`` itself
+        wherever a frame lies wholly inside it: at channel speed, copying each
+        payload out of the read buffer was a measurable share of the CPU.  Only
+        a frame split across reads is assembled (in our own buffer, copied).
+        """
         buf = self._buffer
-        buf += data
+        if not data:
+            return self._decode(buf, 0, now, copy=True) if buf else []
         results: list[Frame | Damage] = []
-        size = len(buf)
-        pos = 0
+        start = 0
+        while buf and start < len(data):
+            # Top the buffer up with just the bytes its head frame still needs
+            # (its header first), then go on in ``data`` itself.
+            need = self._head_needs()
+            if need <= 0:
+                break  # not a plain partial frame: decode it all from the buffer
+            taken = data[start : start + need]
+            buf += taken
+            start += len(taken)
+            results += self._decode(buf, 0, now, copy=True)
+        if start >= len(data):
+            return results
+        if buf:
+            buf += memoryview(data)[start:]
+            results += self._decode(buf, 0, now, copy=True)
+            return results
+        results += self._decode(data, start, now, copy=False)
+        return results
+
+    def _head_needs(self) -> int:
+        """How many more bytes the frame at the head of the buffer needs (0: unknown)."""
+        buf = self._buffer
+        if len(buf) < HEADER_SIZE:
+            return HEADER_SIZE - len(buf) if buf[:2] == SYNC[: len(buf)] else 0
+        if buf[0] != 0xA5 or buf[1] != 0x5C:
+            return 0
+        (length,) = _LENGTH.unpack_from(buf, 10)
+        return HEADER_SIZE + length + TRAILER_SIZE - len(buf)
+
+    def _decode(
+        self, source: bytes | bytearray, pos: int, now: float, copy: bool
+    ) -> list[Frame | Damage]:
+        """Decode frames from ``source[pos:]``; keep an incomplete tail in the buffer.
+
+        ``source`` is the buffer itself (``copy``: payloads are copied out, and
+        decoded bytes are dropped from it) or a read that arrived with the
+        buffer empty (payloads of DATA frames are views into it).
+        """
+        buf = self._buffer
+        results: list[Frame | Damage] = []
+        size = len(source)
         crc32 = zlib.crc32
         max_payload = self.max_payload
         max_link_payload = self._max_link_payload
         only_types = self.only_types
         unpack_header = _HEADER.unpack_from
-        with memoryview(buf) as view:
+        view = memoryview(source)
+        try:
             while size - pos >= HEADER_SIZE:
-                if buf[pos] != 0xA5 or buf[pos + 1] != 0x5C:
-                    pos = self._skip(buf, pos, pos, size)
+                if source[pos] != 0xA5 or source[pos + 1] != 0x5C:
+                    pos = self._skip(source, pos, pos, size)
                     continue
-                _sync, version, ftype, flags, seq, stream, length = unpack_header(buf, pos)
-                (hcheck,) = _HCHECK.unpack_from(buf, pos + 12)
+                _sync, version, ftype, flags, seq, stream, length = unpack_header(source, pos)
+                (hcheck,) = _HCHECK.unpack_from(source, pos + 12)
                 if (
                     crc_hqx(view[pos : pos + 12], 0xFFFF) != hcheck
                     or version != VERSION
@@ -251,15 +310,15 @@ class FrameDecoder:
                     )
                     or (only_types is not None and ftype not in only_types)
                 ):
-                    pos = self._skip(buf, pos, pos + 1, size)
+                    pos = self._skip(source, pos, pos + 1, size)
                     continue
                 end = pos + HEADER_SIZE + length
                 if size < end + TRAILER_SIZE:
-                    if pos or self._waiting_since is None:
+                    if pos or self._waiting_since is None or not copy:
                         self._waiting_since = now
                         self._waiting_size = length + FRAME_OVERHEAD
                     break
-                (crc,) = _CRC.unpack_from(buf, end)
+                (crc,) = _CRC.unpack_from(source, end)
                 if flags & FLAG_HEADER_CRC and self.header_crc_ok and ftype == DATA_TYPE:
                     checked = crc32(view[pos : pos + HEADER_SIZE])
                 else:
@@ -267,20 +326,32 @@ class FrameDecoder:
                 if checked != crc:
                     self.damaged += 1
                     results.append(Damage(stream, seq, ftype, length))
-                    pos = self._skip(buf, pos, pos + 1, size)
+                    pos = self._skip(source, pos, pos + 1, size)
                     continue
                 self._in_sync = True
                 self._waiting_since = None
                 self.frames += 1
-                results.append(
-                    Frame(ftype, stream, bytes(view[pos + HEADER_SIZE : end]), seq, flags)
-                )
+                payload: bytes | memoryview
+                if ftype == DATA_TYPE and not copy:
+                    payload = view[pos + HEADER_SIZE : end]
+                else:
+                    # Bound to no name: a live view would stop ``del buf[...]``.
+                    payload = bytes(view[pos + HEADER_SIZE : end])
+                results.append(Frame(ftype, stream, payload, seq, flags))
                 pos = end + TRAILER_SIZE
-        if pos:
-            del buf[:pos]
+            if pos < size and (source[pos] != 0xA5 or (size - pos > 1 and source[pos + 1] != 0x5C)):
+                pos = self._skip(source, pos, pos, size)  # a tail that cannot start a frame
+        finally:
+            if copy:
+                view.release()
+        if copy:
+            if pos:
+                del buf[:pos]
+        elif pos < size:
+            buf += view[pos:]
         return results
 
-    def _skip(self, buf: bytearray, pos: int, search_from: int, size: int) -> int:
+    def _skip(self, buf: bytes | bytearray, pos: int, search_from: int, size: int) -> int:
         """Drop bytes from ``pos`` up to the next possible sync marker."""
         self._waiting_since = None
         if self._in_sync:

@@ -141,7 +141,7 @@ class ReliableLink:
 
     def on_data(self, frame: Frame, now: float) -> bytes:
         """A LINK_DATA chunk (or part): return the session bytes it makes available, in order."""
-        payload = frame.payload
+        payload = bytes(frame.payload)  # not DATA, so bytes already: no copy
         split = frame.flags & FLAG_PART
         if len(payload) < (_PART.size if split else EPOCH_SIZE):
             return b""
@@ -345,7 +345,7 @@ class ReliableLink:
     def has_unsent(self) -> bool:
         return bool(self._unsent)
 
-    def write_control(self, out: list[bytes], now: float, limit: int) -> int:
+    def write_control(self, out: list[bytes | memoryview], now: float, limit: int) -> int:
         """Append the due ACK, then resends (up to about ``limit`` bytes)."""
         size = 0
         if self._ack_due:
@@ -372,7 +372,9 @@ class ReliableLink:
             size += self._resend_chunk(out, index, chunk.payload, (chunk.sends - 1) & 0xFF)
         return size
 
-    def _resend_chunk(self, out: list[bytes], index: int, payload: bytes, copy: int) -> int:
+    def _resend_chunk(
+        self, out: list[bytes | memoryview], index: int, payload: bytes, copy: int
+    ) -> int:
         """Send a chunk again; split into parts if it is much larger than chunks are now.
 
         A chunk made while the line was clean can be many times the size that
@@ -390,7 +392,7 @@ class ReliableLink:
             size += encode_into(out, FrameType.LINK_DATA, index, piece, copy, FLAG_PART)
         return size
 
-    def write_data(self, out: list[bytes], data: bytes, size: int, now: float) -> int:
+    def write_data(self, out: list[bytes | memoryview], data: bytes, size: int, now: float) -> int:
         """Append session bytes as new chunks of at most ``size`` bytes, as the window allows.
 
         What the window does not take now waits, and goes first next time.

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from virtproxy.frames import Payload
 from virtproxy.pacing import WritePacer
 
 if TYPE_CHECKING:
@@ -41,7 +42,11 @@ NOTSENT_LOWAT_MIN = 512
 NOTSENT_LOWAT_MAX = 256 * 1024
 
 
-def write_now(transport: object, data: bytes | list[bytes]) -> int:
+#: Most pieces one ``sendmsg`` takes (Linux's IOV_MAX is 1024).
+MAX_IOV = 1024
+
+
+def write_now(transport: object, data: Payload | list[Payload]) -> int:
     """Write ``data`` (bytes, or pieces in order) to a socket transport now.
 
     Returns how many bytes Twisted still holds.  Twisted's ``write`` only
@@ -50,12 +55,13 @@ def write_now(transport: object, data: bytes | list[bytes]) -> int:
     ``epoll_ctl`` calls, a reactor turn and a copy into its buffer.  When
     Twisted holds nothing for this socket we call ``send`` (or ``sendmsg`` for
     pieces, without joining them) ourselves and hand Twisted only what the
-    kernel did not take.  Anything unusual (not a plain socket transport,
-    closing, queued bytes or file descriptors, a socket error) goes through
-    Twisted's own write path unchanged, so the reactor still meets every error
-    and every close itself.
+    kernel did not take, copied.  Anything unusual (not a plain socket
+    transport, closing, queued bytes or file descriptors, a socket error) goes
+    through Twisted's own write path unchanged, so the reactor still meets
+    every error and every close itself.
     """
-    pieces = data if isinstance(data, list) else None
+    if isinstance(data, list) and len(data) > MAX_IOV:
+        data = b"".join(data)
     handle = getattr(transport, "socket", None)
     if (
         not isinstance(transport, tcp.Connection)
@@ -71,19 +77,18 @@ def write_now(transport: object, data: bytes | list[bytes]) -> int:
     ):
         return _write_later(transport, data)
     try:
-        sent = handle.sendmsg(pieces) if pieces is not None else handle.send(data)
+        sent = handle.sendmsg(data) if isinstance(data, list) else handle.send(data)
     except (BlockingIOError, InterruptedError):
         sent = 0
     except OSError:
         # Let Twisted send it and meet the error itself (connectionLost).
         return _write_later(transport, data)
-    if pieces is None:
-        assert isinstance(data, bytes)
+    if not isinstance(data, list):
         if sent < len(data):
-            transport.write(data[sent:])
+            transport.write(bytes(data[sent:]))
         return len(data) - sent
-    rest: list[bytes] = []
-    for piece in pieces:
+    rest: list[Payload] = []
+    for piece in data:
         if sent >= len(piece):
             sent -= len(piece)
         else:
@@ -92,10 +97,9 @@ def write_now(transport: object, data: bytes | list[bytes]) -> int:
     return _write_later(transport, rest) if rest else 0
 
 
-def _write_later(transport: Any, data: bytes | list[bytes]) -> int:
-    """Twisted's own buffered write (one ``write`` call, as for plain bytes)."""
-    if isinstance(data, list):
-        data = data[0] if len(data) == 1 else b"".join(data)
+def _write_later(transport: Any, data: Payload | list[Payload]) -> int:
+    """Twisted's own buffered write (one ``write`` call of ``bytes``, which is all it takes)."""
+    data = b"".join(data) if isinstance(data, list) else bytes(data)
     transport.write(data)
     return len(data)
 
@@ -171,19 +175,21 @@ class VPChannelProtocol(Protocol):
             self.attached = False
             self.channel.detach(self, reason.getErrorMessage())
 
-    def wrote(self, data: bytes) -> None:
-        """Write one chunk; unless the kernel took it all, wait for the transport to drain it."""
+    def wrote(self, data: list[Payload]) -> None:
+        """Write one chunk (pieces in order); unless the kernel took it all,
+        wait for the transport to drain it."""
         assert self.transport is not None
-        if not data:
+        size = sum(map(len, data))
+        if not size:
             return  # an empty write never drains, so it would never resume us
         pacer = self.pacer
         now = self.channel.reactor.seconds()
-        pacer.wrote(len(data), now)
-        if pacer.chunk < pacer.maximum and len(data) >= pacer.chunk // 2:
+        pacer.wrote(size, now)
+        if pacer.chunk < pacer.maximum and size >= pacer.chunk // 2:
             # A full chunk on a slow (or not yet measured) channel goes through
             # Twisted, and its drain time is what sizes the next one.
             self.paused = True
-            self.transport.write(data)
+            self.transport.write(b"".join(data))
             return
         if write_now(self.transport, data):
             self.paused = True  # the transport resumes us once it drained the rest

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 
 from virtproxy.channel import REMOTE_SERVICE, Channel, StreamEnd
 from virtproxy.config import ListenAllowance, RemoteForwardSpec
-from virtproxy.frames import Reason, describe_reason
+from virtproxy.frames import Payload, Reason, describe_reason
 from virtproxy.options import FORWARD_BACKLOG, NAME_RE, RESERVED_PREFIX, quote_endpoint_arg
 
 REQUEST_MAGIC = b"VPRF"
@@ -188,7 +188,7 @@ class RemoteListener:
             return "remote-forward request"
         return f"remote forward {self.request.name!r} on {self.request.host}:{self.request.port}"
 
-    def deliver(self, data: bytes | list[bytes]) -> None:
+    def deliver(self, data: Payload | list[Payload]) -> None:
         if isinstance(data, list):
             data = b"".join(data)
         self.channel.consumed(self.stream_id, len(data))
@@ -359,7 +359,7 @@ class RemoteForwardClient:
             self.stream_id, encode_request(self.spec.host, self.spec.port, self.spec.name)
         )
 
-    def deliver(self, data: bytes | list[bytes]) -> None:
+    def deliver(self, data: Payload | list[Payload]) -> None:
         if isinstance(data, list):
             data = b"".join(data)
         if self.stream_id is None:

@@ -716,7 +716,7 @@ class Session:
             if ftype == FrameType.PONG:
                 del self._control[index]
                 break
-        pong = frame.payload[:8].ljust(8, b"\0") + _COUNTER.pack(self._data_received)
+        pong = bytes(frame.payload[:8]).ljust(8, b"\0") + _COUNTER.pack(self._data_received)
         self._control.appendleft((FrameType.PONG, 0, pong))
 
     def _on_pong(self, frame: Frame, now: float) -> None:
@@ -798,7 +798,7 @@ class Session:
             self._protocol_error(frame, "OPEN with a used or invalid stream id")
             return
         self._highest_peer_number = number
-        name = frame.payload
+        name = bytes(frame.payload)  # not DATA, so bytes already: no copy
         if valid_service_name(name) and len(name) > self.config.max_service_name:
             self._refuse_open(frame, "service name too long")
             return
@@ -919,28 +919,41 @@ class Session:
         is also kept under :attr:`flight_cap`, learnt from probe PINGs.  With
         link reliability on, the frames travel inside LINK_DATA chunks.
         """
+        return b"".join(self.pieces_to_send(limit, frame_limit, now))
+
+    def pieces_to_send(
+        self, limit: int = 256 * 1024, frame_limit: int = MAX_PAYLOAD, now: float | None = None
+    ) -> list[bytes | memoryview]:
+        """:meth:`data_to_send` as pieces in order, for one gathering write.
+
+        DATA payloads stay views of the bytes the local socket gave us, so a
+        transport that can write pieces (``sendmsg``) copies them only once.
+        """
         link = self.link
         if link is None:
-            data = self._frames_to_send(limit, frame_limit, now)
-            self.stats.bytes_out += len(data)
-            return data
+            pieces, size = self._frames_to_send(limit, frame_limit, now)
+            self.stats.bytes_out += size
+            return pieces
         at = self._now if now is None else now
-        out: list[bytes] = []
+        out: list[bytes | memoryview] = []
         size = link.write_control(out, at, limit)
         if size < limit and link.room > 0:
             size_each = min(chunk_size(self.peer_max_frame, frame_limit), link.chunk_limit)
             room = link.room * size_each
             frames = b""
             if self._has_frames():
-                frames = self._frames_to_send(min(limit - size, room), frame_limit, now)
+                pieces, _ = self._frames_to_send(min(limit - size, room), frame_limit, now)
+                frames = b"".join(pieces)
             if frames or link.has_unsent:
                 size += link.write_data(out, frames, size_each, at)
         self.stats.bytes_out += size
-        return b"".join(out)
+        return out
 
-    def _frames_to_send(self, limit: int, frame_limit: int, now: float | None) -> bytes:
-        """The session's own frames, as :meth:`data_to_send` describes."""
-        out: list[bytes] = []
+    def _frames_to_send(
+        self, limit: int, frame_limit: int, now: float | None
+    ) -> tuple[list[bytes | memoryview], int]:
+        """The session's own frames (pieces, and their size), as :meth:`data_to_send` describes."""
+        out: list[bytes | memoryview] = []
         size = 0
         control = self._control
         seq = self._tx_seq
@@ -1038,7 +1051,7 @@ class Session:
                 frames += 1
         self._tx_seq = seq
         self.stats.frames_out += frames
-        return b"".join(out)
+        return out, size
 
     def _ping_token(self) -> bytes:
         """A fresh 8-byte PING payload (keepalive or probe)."""
@@ -1063,15 +1076,20 @@ class Session:
         self._rates.clear()
         self.flight_cap = FLIGHT_INITIAL
 
-    def _take(self, stream: Stream, limit: int) -> bytes:
-        """Remove up to ``limit`` queued bytes, coalescing small writes into one frame."""
+    def _take(self, stream: Stream, limit: int) -> bytes | memoryview:
+        """Remove up to ``limit`` queued bytes, coalescing small writes into one frame.
+
+        Part of one large write comes back as a view of it, not a copy.
+        """
         queue = stream.queue
         head = queue[0]
         offset = stream.head_offset
         available = len(head) - offset
         if available >= limit or len(queue) == 1:
             count = min(available, limit)
-            chunk = head[offset : offset + count] if offset or count < len(head) else head
+            chunk: bytes | memoryview = (
+                memoryview(head)[offset : offset + count] if offset or count < len(head) else head
+            )
             if count == available:
                 queue.popleft()
                 stream.head_offset = 0
@@ -1250,10 +1268,10 @@ def _reason_payload(reason: int, message: str) -> bytes:
     return bytes([reason & 0xFF]) + message.encode("utf-8")[:MAX_MESSAGE]
 
 
-def _parse_reason(payload: bytes) -> tuple[int, str]:
+def _parse_reason(payload: bytes | memoryview) -> tuple[int, str]:
     if not payload:
         return 0, ""
-    return payload[0], payload[1 : 1 + MAX_MESSAGE].decode("utf-8", "replace")
+    return payload[0], bytes(payload[1 : 1 + MAX_MESSAGE]).decode("utf-8", "replace")
 
 
 _HANDLERS: dict[int, Callable[..., None]] = {
