@@ -69,12 +69,19 @@ def test_pieces_go_in_one_send_and_in_order(pair: Pair) -> None:
     assert pair.far.recv(100) == b"abcdef"
 
 
-@pytest.mark.parametrize("as_pieces", [False, True])
-def test_what_the_kernel_refuses_is_buffered_by_twisted(pair: Pair, as_pieces: bool) -> None:
+@pytest.mark.parametrize("kind", ["bytes", "pieces", "view", "views"])
+def test_what_the_kernel_refuses_is_buffered_by_twisted(pair: Pair, kind: str) -> None:
+    """Whatever the form (views of a read included), Twisted gets the rest as bytes."""
     pair.near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     data = bytes(range(256)) * 8192  # 2 MiB: more than the socket pair holds
-    pieces = [data[i : i + 100_000] for i in range(0, len(data), 100_000)]
-    left = write_now(pair.transport, pieces if as_pieces else data)
+    view = memoryview(data)
+    written: object = {
+        "bytes": data,
+        "pieces": [data[i : i + 100_000] for i in range(0, len(data), 100_000)],
+        "view": view,
+        "views": [view[i : i + 100_000] for i in range(0, len(data), 100_000)],
+    }[kind]
+    left = write_now(pair.transport, written)  # type: ignore[arg-type]
     assert 0 < left < len(data)
     assert pair.writing(), "the rest must wait in Twisted for the socket to drain"
     # A write while Twisted holds bytes queues behind them, never jumps ahead.
@@ -109,5 +116,12 @@ def test_aborted_transport_sends_nothing(pair: Pair) -> None:
 def test_other_transports_use_their_write() -> None:
     transport = StringTransport()
     assert write_now(transport, b"abc") == 3
-    assert write_now(transport, [b"de", b"f"]) == 3
-    assert transport.value() == b"abcdef"
+    assert write_now(transport, [b"de", memoryview(b"f")]) == 3
+    assert write_now(transport, memoryview(b"gh")) == 2  # Twisted takes only bytes
+    assert transport.value() == b"abcdefgh"
+
+
+def test_more_pieces_than_one_sendmsg_takes_are_joined(pair: Pair) -> None:
+    pieces = [bytes([n % 256]) for n in range(3000)]
+    assert write_now(pair.transport, pieces) == 0
+    assert pair.drain() == b"".join(pieces)
