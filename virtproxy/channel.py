@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from virtproxy import events as ev
 from virtproxy.frames import Reason, describe_reason
+from virtproxy.pacing import ReadSizer
 from virtproxy.session import Session, SessionConfig
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ class Channel:
         #: Called for a peer's stream to REMOTE_SERVICE; None refuses them.
         self.remote_handler: Callable[[Channel, int], StreamEnd | None] | None = None
         self._locals: dict[int, StreamEnd] = {}
+        #: Sizes local reads: smaller while an interactive stream shares the channel.
+        self.reads = ReadSizer()
         self._connecting: dict[int, Deferred[Any]] = {}
         self._timer: IDelayedCall | None = None
         self._pumping = False
@@ -192,6 +195,10 @@ class Channel:
             stream = self.session.stream_info(stream_id)
             more = stream is not None and not stream.blocked
         return more
+
+    def read_size(self, stream_id: int, count: int) -> int:
+        """A local socket of the stream read ``count`` bytes: how many to read next."""
+        return self.reads.next_size(stream_id, count, self.reactor.seconds())
 
     def send_eof(self, stream_id: int) -> None:
         self.session.send_eof(stream_id)
