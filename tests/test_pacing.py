@@ -1,6 +1,7 @@
 """WritePacer: channel writes sized to ~10 ms of the measured drain rate."""
 
 from virtproxy.pacing import (
+    CHANNEL_READ_SIZE,
     INTERACTIVE_READ,
     LOCAL_READ_SIZE,
     SHARED_READ_SIZE,
@@ -103,3 +104,18 @@ def test_medium_reads_are_not_interactive() -> None:
     sizer = ReadSizer()
     sizer.next_size(2, INTERACTIVE_READ + 1, 0.0)
     assert sizer.next_size(1, 256 * 1024, 0.1) == LOCAL_READ_SIZE
+
+
+def test_after_a_small_delivery_the_channel_reads_small_until_the_reply() -> None:
+    sizer = ReadSizer(reply_wait=0.002)
+    assert sizer.channel_size(0.0) == CHANNEL_READ_SIZE
+    sizer.delivered(60_000, 0.0)
+    assert sizer.channel_size(0.0) == CHANNEL_READ_SIZE
+    sizer.delivered(1, 0.0)
+    assert sizer.channel_size(0.001) == SHARED_READ_SIZE
+    sizer.next_size(3, 1, 0.0015)  # the reply
+    assert sizer.channel_size(0.0016) == CHANNEL_READ_SIZE
+    sizer.delivered(1, 1.0)
+    assert sizer.channel_size(1.0019) == SHARED_READ_SIZE
+    assert sizer.channel_size(1.0021) == CHANNEL_READ_SIZE  # no reply in time
+    assert sizer.channel_size(1.0) == CHANNEL_READ_SIZE

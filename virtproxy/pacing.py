@@ -22,6 +22,8 @@ from collections import deque
 LOCAL_READ_SIZE = 256 * 1024
 #: ... and while an interactive stream shares the channel (see ReadSizer).
 SHARED_READ_SIZE = 32 * 1024
+#: Bytes read from a socket channel at a time (Twisted's default is 64 KiB).
+CHANNEL_READ_SIZE = 256 * 1024
 #: A local read of at most this many bytes is a keystroke or a request.
 INTERACTIVE_READ = 512
 
@@ -85,7 +87,7 @@ class WritePacer:
 
 
 class ReadSizer:
-    """How much to read from a local socket at a time.
+    """How much to read from a local socket, and from the channel, at a time.
 
     Every read a daemon makes is handled whole before it looks at any other
     socket: one 256 KiB read of a bulk upload is framed and sent, and on the
@@ -99,6 +101,14 @@ class ReadSizer:
 
     A stream is interactive while its reads are small; other streams read
     ``small`` bytes until ``hold`` seconds after its last small read.
+
+    The receiving side has the same problem with the reply: a keystroke
+    delivered to a local socket is answered within microseconds, but the
+    answer is read only after the channel read that comes first, and under a
+    bulk transfer that is everything queued, up to ``channel`` bytes.  So
+    after a small delivery the channel is read ``small`` bytes at a time
+    until a small local read (the reply, most likely) or ``reply_wait``
+    seconds.
     """
 
     def __init__(
@@ -107,20 +117,40 @@ class ReadSizer:
         small: int = SHARED_READ_SIZE,
         hold: float = 1.0,
         interactive: int = INTERACTIVE_READ,
+        channel: int = CHANNEL_READ_SIZE,
+        reply_wait: float = 0.002,
     ) -> None:
         self.large = large
         self.small = small
         self.hold = hold
         self.interactive = interactive
+        self.channel = channel
+        self.reply_wait = reply_wait
         self._stream: object = None  # the stream that read small last
         self._until = float("-inf")
+        #: Until when the channel is read ``small`` bytes at a time (0: it is not).
+        self.reply_until = 0.0
 
     def next_size(self, stream: object, count: int, now: float) -> int:
         """``stream`` just read ``count`` bytes: how much it should read next."""
         if count <= self.interactive:
             self._stream = stream
             self._until = now + self.hold
+            self.reply_until = 0.0
             return self.large
         if now < self._until and stream != self._stream:
             return self.small
         return self.large
+
+    def delivered(self, count: int, now: float) -> None:
+        """``count`` bytes of peer data went to a local socket in one write."""
+        if count <= self.interactive:
+            self.reply_until = now + self.reply_wait
+
+    def channel_size(self, now: float) -> int:
+        """How much to read from the channel next."""
+        if self.reply_until:
+            if now < self.reply_until:
+                return self.small
+            self.reply_until = 0.0
+        return self.channel
