@@ -934,13 +934,17 @@ def test_bulk_reads_shrink_while_a_keystroke_stream_is_active(world: World) -> N
     keys.send(b"k")
     bulk.send(blob(100_000))
     world.pipe.pump()
+    assert bulk.transport.bufferSize == LOCAL_READ_SIZE  # one small read: a header?
+    keys.send(b"k")
+    bulk.send(blob(100_000))
+    world.pipe.pump()
     assert bulk.transport.bufferSize == SHARED_READ_SIZE
     world.clock.advance(1.5)
     bulk.send(blob(100_000))
     world.pipe.pump()
     assert bulk.transport.bufferSize == LOCAL_READ_SIZE
-    assert len(bulk_target.received()) == 300_000
-    assert keys_target.received() == b"k"
+    assert len(bulk_target.received()) == 400_000
+    assert keys_target.received() == b"kk"
 
 
 def test_the_channel_reads_small_until_the_reply_to_a_keystroke(world: World) -> None:

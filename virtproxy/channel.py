@@ -199,10 +199,11 @@ class Channel:
             more = stream is not None and not stream.blocked
         return more
 
-    def read_size(self, stream_id: int, count: int) -> int:
-        """A local socket of the stream read ``count`` bytes: how many to read next."""
+    def read_size(self, stream_id: int, count: int, previous: int) -> int:
+        """A local socket of the stream read ``count`` bytes (``previous`` before
+        them, 0 if none): how many to read next."""
         waiting = self.reads.reply_until
-        size = self.reads.next_size(stream_id, count, self.reactor.seconds())
+        size = self.reads.next_size(stream_id, count, self.reactor.seconds(), previous)
         if waiting and not self.reads.reply_until:
             self._size_channel_reads(0.0)  # the reply came: large channel reads again
         return size

@@ -50,6 +50,7 @@ class ProxyProtocol(Protocol):
         self._live = False
         self._registered = False
         self._sized = False  # our transport reads bufferSize bytes at a time
+        self._last_read = 0  # bytes of the previous local read (0: none yet)
         self._read_done = False  # the local socket sent EOF
         self._write_done = False  # we shut down its write side (peer EOF)
 
@@ -82,8 +83,9 @@ class ProxyProtocol(Protocol):
             transport.pauseProducing()  # type: ignore[attr-defined]
         if self._sized and transport is not None:
             transport.bufferSize = self.channel.read_size(  # type: ignore[attr-defined]
-                self.stream_id, len(data)
+                self.stream_id, len(data), self._last_read
             )
+        self._last_read = len(data)
 
     def readConnectionLost(self) -> None:
         self._read_done = True

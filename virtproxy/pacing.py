@@ -99,7 +99,8 @@ class ReadSizer:
     front of every later keystroke.  At ``small`` bytes a read the sender is
     no faster than the receiver, and the queue stays empty.
 
-    A stream is interactive while its reads are small; other streams read
+    A stream is interactive while its reads are small (two in a row: one
+    small read is as likely a bulk upload's header); other streams read
     ``small`` bytes until ``hold`` seconds after its last small read.
 
     The receiving side has the same problem with the reply: a keystroke
@@ -131,12 +132,13 @@ class ReadSizer:
         #: Until when the channel is read ``small`` bytes at a time (0: it is not).
         self.reply_until = 0.0
 
-    def next_size(self, stream: object, count: int, now: float) -> int:
-        """``stream`` just read ``count`` bytes: how much it should read next."""
+    def next_size(self, stream: object, count: int, now: float, previous: int = 0) -> int:
+        """``stream`` just read ``count`` bytes, after ``previous`` (0: none): how much next."""
         if count <= self.interactive:
-            self._stream = stream
-            self._until = now + self.hold
             self.reply_until = 0.0
+            if 0 < previous <= self.interactive:
+                self._stream = stream
+                self._until = now + self.hold
             return self.large
         if now < self._until and stream != self._stream:
             return self.small
