@@ -35,9 +35,11 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from virtproxy.channel import Channel
+from virtproxy import events as ev
+from virtproxy.channel import Channel, small_data_first
 from virtproxy.factories import ProxyClientProtocol, ProxyServerFactory, ProxyServerProtocol
 from virtproxy.frames import OPENER_BIT
+from virtproxy.pacing import CHANNEL_READ_SIZE, LOCAL_READ_SIZE, SHARED_READ_SIZE
 from virtproxy.protocol import VPChannelProtocol
 from virtproxy.session import SessionConfig
 
@@ -78,6 +80,8 @@ class RecordingTransport(StringTransport):
         self.lost = False
         self._lost_scheduled = False
         self.pauses = 0
+        #: Twisted reads this many bytes at a time (the daemon resizes it).
+        self.bufferSize = 65536
 
     # IHalfCloseableDescriptor (notifications we never need to send)
     def writeConnectionLost(self, reason: Failure) -> None:  # pragma: no cover
@@ -916,3 +920,75 @@ def test_listen_side_takes_a_new_peer_once_the_dead_one_times_out(logs: Logs) ->
     w.reconnect()
     assert w.a.session.is_up and w.b.session.is_up
     w.open(port=50001)
+
+
+# --------------------------------------------------------------------------- read sizes
+
+
+def test_bulk_reads_shrink_while_a_keystroke_stream_is_active(world: World) -> None:
+    bulk, bulk_target = world.open(port=50000)
+    keys, keys_target = world.open(port=50001)
+    bulk.send(blob(100_000))
+    world.pipe.pump()
+    assert bulk.transport.bufferSize == LOCAL_READ_SIZE
+    keys.send(b"k")
+    bulk.send(blob(100_000))
+    world.pipe.pump()
+    assert bulk.transport.bufferSize == LOCAL_READ_SIZE  # one small read: a header?
+    keys.send(b"k")
+    bulk.send(blob(100_000))
+    world.pipe.pump()
+    assert bulk.transport.bufferSize == SHARED_READ_SIZE
+    world.clock.advance(1.5)
+    bulk.send(blob(100_000))
+    world.pipe.pump()
+    assert bulk.transport.bufferSize == LOCAL_READ_SIZE
+    assert len(bulk_target.received()) == 400_000
+    assert keys_target.received() == b"kk"
+
+
+def test_the_channel_reads_small_until_the_reply_to_a_keystroke(world: World) -> None:
+    keys, keys_target = world.open()
+    assert world.pipe.tb.bufferSize == CHANNEL_READ_SIZE
+    keys.send(b"k")
+    world.pipe.pump()
+    assert keys_target.received() == b"k"
+    assert world.pipe.tb.bufferSize == SHARED_READ_SIZE  # B waits for the reply
+    keys_target.send(b"K")
+    world.pipe.pump()
+    assert keys.received() == b"K"
+    assert world.pipe.tb.bufferSize == CHANNEL_READ_SIZE  # it came
+    # No reply: large reads again a moment later.
+    keys.send(b"k")
+    world.pipe.pump()
+    assert world.pipe.tb.bufferSize == SHARED_READ_SIZE
+    world.clock.advance(0.01)
+    keys.send(blob(2000))
+    world.pipe.pump()
+    assert world.pipe.tb.bufferSize == CHANNEL_READ_SIZE
+
+
+def test_small_payloads_are_delivered_before_the_bulk_decoded_with_them() -> None:
+    bulk1, bulk2, key, later = b"b" * 16384, b"c" * 16384, b"k", b"d" * 16384
+    events: list[ev.Event] = [
+        ev.DataReceived(1, bulk1),
+        ev.DataReceived(1, bulk2),
+        ev.DataReceived(3, key),
+        ev.DataReceived(1, b"x"),  # not stream 1's first payload: stays
+        ev.DataReceived(5, later),
+        ev.DataReceived(7, b"y"),
+        ev.EndOfData(9),
+        ev.DataReceived(9, b"z"),  # after another kind of event: stays
+    ]
+    assert small_data_first(events) == [
+        events[2],
+        events[5],
+        events[0],
+        events[1],
+        events[3],
+        events[4],
+        events[6],
+        events[7],
+    ]
+    in_order = [ev.DataReceived(3, key), ev.DataReceived(1, bulk1)]
+    assert small_data_first(in_order) is in_order

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from virtproxy import events as ev
 from virtproxy.frames import Payload, Reason, describe_reason
+from virtproxy.pacing import INTERACTIVE_READ, ReadSizer
 from virtproxy.session import Session, SessionConfig
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ class Channel:
         #: Called for a peer's stream to REMOTE_SERVICE; None refuses them.
         self.remote_handler: Callable[[Channel, int], StreamEnd | None] | None = None
         self._locals: dict[int, StreamEnd] = {}
+        #: Sizes local reads: smaller while an interactive stream shares the channel.
+        self.reads = ReadSizer()
         self._connecting: dict[int, Deferred[Any]] = {}
         self._timer: IDelayedCall | None = None
         self._pumping = False
@@ -136,7 +139,10 @@ class Channel:
         self.pump()
 
     def receive(self, data: bytes) -> None:
-        self.session.receive_data(data, self.reactor.seconds())
+        now = self.reactor.seconds()
+        if self.reads.reply_until:
+            self._size_channel_reads(now)
+        self.session.receive_data(data, now)
         self.pump()
 
     def shutdown(self) -> None:
@@ -192,6 +198,19 @@ class Channel:
             stream = self.session.stream_info(stream_id)
             more = stream is not None and not stream.blocked
         return more
+
+    def read_size(self, stream_id: int, count: int, previous: int) -> int:
+        """A local socket of the stream read ``count`` bytes (``previous`` before
+        them, 0 if none): how many to read next."""
+        waiting = self.reads.reply_until
+        size = self.reads.next_size(stream_id, count, self.reactor.seconds(), previous)
+        if waiting and not self.reads.reply_until:
+            self._size_channel_reads(0.0)  # the reply came: large channel reads again
+        return size
+
+    def _size_channel_reads(self, now: float) -> None:
+        if self.protocol is not None:
+            self.protocol.set_read_size(self.reads.channel_size(now))
 
     def send_eof(self, stream_id: int) -> None:
         self.session.send_eof(stream_id)
@@ -296,8 +315,13 @@ class Channel:
         self.pump()
 
     def _dispatch_all(self, events: list[ev.Event]) -> None:
-        """Dispatch events in order; consecutive data of one stream is written at once."""
+        """Dispatch events in order; consecutive data of one stream is written at once.
+
+        Small payloads go first (see :func:`small_data_first`).
+        """
         count = len(events)
+        if count > 1 and type(events[0]) is ev.DataReceived:
+            events = small_data_first(events)
         index = 0
         while index < count:
             event = events[index]
@@ -322,6 +346,12 @@ class Channel:
             local = self._locals.get(stream_id)
             if local is not None:
                 local.deliver(event.data if pieces is None else pieces)
+                if pieces is None and len(event.data) <= INTERACTIVE_READ:
+                    # A keystroke or request: its reply should not wait behind
+                    # a large channel read.
+                    now = self.reactor.seconds()
+                    self.reads.delivered(len(event.data), now)
+                    self._size_channel_reads(now)
 
     def _dispatch(self, event: ev.Event) -> None:
         if isinstance(event, ev.DataReceived):
@@ -446,3 +476,28 @@ class Channel:
         )
         self.session.reject(stream_id, code, why)
         self.pump()
+
+
+def small_data_first(events: list[ev.Event]) -> list[ev.Event]:
+    """Move small payloads (keystrokes, requests) ahead of the bulk data decoded with them.
+
+    One channel read can hold 256 KiB of a bulk transfer with a keystroke at
+    its end; written in order, the keystroke would wait until all of it went
+    to its local socket.  Only payloads of the leading run of DataReceived
+    events move, and only a stream's first one in it, so each stream's data
+    keeps its order, and so does everything relative to other events.
+    """
+    seen: set[int] = set()
+    moved: list[int] = []
+    for index, event in enumerate(events):
+        if type(event) is not ev.DataReceived:
+            break
+        if event.stream_id in seen:
+            continue
+        seen.add(event.stream_id)
+        if index and len(event.data) <= INTERACTIVE_READ:
+            moved.append(index)
+    if not moved:
+        return events
+    skip = set(moved)
+    return [events[i] for i in moved] + [e for i, e in enumerate(events) if i not in skip]

@@ -26,11 +26,8 @@ from zope.interface import implementer
 
 from virtproxy.channel import Channel
 from virtproxy.frames import Payload, describe_reason
+from virtproxy.pacing import LOCAL_READ_SIZE
 from virtproxy.protocol import VPChannelProtocol, describe_address, write_now
-
-#: Bytes read from a local socket at a time (Twisted's default is 64 KiB): one
-#: read fills several DATA frames, and the channel writes them in one send.
-LOCAL_READ_SIZE = 256 * 1024
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -52,6 +49,8 @@ class ProxyProtocol(Protocol):
         self._withheld = 0
         self._live = False
         self._registered = False
+        self._sized = False  # our transport reads bufferSize bytes at a time
+        self._last_read = 0  # bytes of the previous local read (0: none yet)
         self._read_done = False  # the local socket sent EOF
         self._write_done = False  # we shut down its write side (peer EOF)
 
@@ -68,8 +67,10 @@ class ProxyProtocol(Protocol):
             handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(transport, "bufferSize"):
             # Twisted reads bufferSize bytes at a time (64 KiB by default) and
-            # pauses us as its producer past that many buffered bytes.
+            # pauses us as its producer past that many buffered bytes.  The
+            # channel resizes it after every read (see Channel.read_size).
             transport.bufferSize = LOCAL_READ_SIZE
+            self._sized = True
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self._registered = True
 
@@ -77,8 +78,14 @@ class ProxyProtocol(Protocol):
         if not self._live:
             return
         self.bytes_in += len(data)
-        if not self.channel.send(self.stream_id, data) and self.transport is not None:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        transport = self.transport
+        if not self.channel.send(self.stream_id, data) and transport is not None:
+            transport.pauseProducing()  # type: ignore[attr-defined]
+        if self._sized and transport is not None:
+            transport.bufferSize = self.channel.read_size(  # type: ignore[attr-defined]
+                self.stream_id, len(data), self._last_read
+            )
+        self._last_read = len(data)
 
     def readConnectionLost(self) -> None:
         self._read_done = True

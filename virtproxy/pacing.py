@@ -1,4 +1,5 @@
-"""Size channel writes to the channel's speed.  Plain Python: time is an argument.
+"""Size channel writes to the channel's speed, and local reads to the company
+they keep.  Plain Python: time is an argument.
 
 A keystroke that arrives while a bulk transfer runs waits behind whatever was
 already handed to the transport and the kernel.  On loopback that is nothing;
@@ -15,6 +16,16 @@ once would otherwise make a slow line look fast.
 from __future__ import annotations
 
 from collections import deque
+
+#: Bytes read from a local socket at a time (Twisted's default is 64 KiB): one
+#: read fills several DATA frames, and the channel writes them in one send.
+LOCAL_READ_SIZE = 256 * 1024
+#: ... and while an interactive stream shares the channel (see ReadSizer).
+SHARED_READ_SIZE = 32 * 1024
+#: Bytes read from a socket channel at a time (Twisted's default is 64 KiB).
+CHANNEL_READ_SIZE = 256 * 1024
+#: A local read of at most this many bytes is a keystroke or a request.
+INTERACTIVE_READ = 512
 
 
 class WritePacer:
@@ -73,3 +84,75 @@ class WritePacer:
         wanted = self.rate * self.target
         # Grow at most twofold a cycle, so one lucky burst cannot jump to the top.
         self.chunk = int(max(self.minimum, min(self.maximum, wanted, self.chunk * 2)))
+
+
+class ReadSizer:
+    """How much to read from a local socket, and from the channel, at a time.
+
+    Every read a daemon makes is handled whole before it looks at any other
+    socket: one 256 KiB read of a bulk upload is framed and sent, and on the
+    other side decoded and delivered, in one go.  Alone on the channel a bulk
+    stream should read that much (fewer, cheaper rounds).  Next to an
+    interactive stream it should not: a keystroke that arrives meanwhile waits
+    for the whole read at both ends, and a sender that reads 256 KiB per round
+    outpaces a receiver that must decode it, so a queue forms in the kernel in
+    front of every later keystroke.  At ``small`` bytes a read the sender is
+    no faster than the receiver, and the queue stays empty.
+
+    A stream is interactive while its reads are small (two in a row: one
+    small read is as likely a bulk upload's header); other streams read
+    ``small`` bytes until ``hold`` seconds after its last small read.
+
+    The receiving side has the same problem with the reply: a keystroke
+    delivered to a local socket is answered within microseconds, but the
+    answer is read only after the channel read that comes first, and under a
+    bulk transfer that is everything queued, up to ``channel`` bytes.  So
+    after a small delivery the channel is read ``small`` bytes at a time
+    until a small local read (the reply, most likely) or ``reply_wait``
+    seconds.
+    """
+
+    def __init__(
+        self,
+        large: int = LOCAL_READ_SIZE,
+        small: int = SHARED_READ_SIZE,
+        hold: float = 1.0,
+        interactive: int = INTERACTIVE_READ,
+        channel: int = CHANNEL_READ_SIZE,
+        reply_wait: float = 0.002,
+    ) -> None:
+        self.large = large
+        self.small = small
+        self.hold = hold
+        self.interactive = interactive
+        self.channel = channel
+        self.reply_wait = reply_wait
+        self._stream: object = None  # the stream that read small last
+        self._until = float("-inf")
+        #: Until when the channel is read ``small`` bytes at a time (0: it is not).
+        self.reply_until = 0.0
+
+    def next_size(self, stream: object, count: int, now: float, previous: int = 0) -> int:
+        """``stream`` just read ``count`` bytes, after ``previous`` (0: none): how much next."""
+        if count <= self.interactive:
+            self.reply_until = 0.0
+            if 0 < previous <= self.interactive:
+                self._stream = stream
+                self._until = now + self.hold
+            return self.large
+        if now < self._until and stream != self._stream:
+            return self.small
+        return self.large
+
+    def delivered(self, count: int, now: float) -> None:
+        """``count`` bytes of peer data went to a local socket in one write."""
+        if count <= self.interactive:
+            self.reply_until = now + self.reply_wait
+
+    def channel_size(self, now: float) -> int:
+        """How much to read from the channel next."""
+        if self.reply_until:
+            if now < self.reply_until:
+                return self.small
+            self.reply_until = 0.0
+        return self.channel

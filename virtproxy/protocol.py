@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from virtproxy.frames import Payload
-from virtproxy.pacing import WritePacer
+from virtproxy.pacing import CHANNEL_READ_SIZE, WritePacer
 
 if TYPE_CHECKING:
     from virtproxy.channel import Channel
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 #: per-stream queues, where the scheduler can still put a keystroke first,
 #: rather than in the kernel in front of it.
 UNIX_SNDBUF = 256 * 1024
-#: Bytes read from a socket channel at a time (Twisted's default is 64 KiB).
-CHANNEL_READ_SIZE = 256 * 1024
 #: Unsent bytes a TCP channel's kernel queue may hold before it stops
 #: reporting writable (TCP_NOTSENT_LOWAT; 25 on Linux).
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
@@ -129,6 +127,7 @@ class VPChannelProtocol(Protocol):
         self.pacer = WritePacer()
         self._tcp: socket.socket | None = None
         self._lowat = 0
+        self._read_size = 0
 
     def describe_peer(self) -> str:
         if self.transport is None:
@@ -147,10 +146,7 @@ class VPChannelProtocol(Protocol):
                 self._set_lowat(NOTSENT_LOWAT_MAX)
             elif handle.family == socket.AF_UNIX:
                 handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
-        if hasattr(transport, "bufferSize"):
-            # Twisted reads bufferSize bytes at a time; as a pull producer we
-            # are never paused by it, so it only sets the read size.
-            transport.bufferSize = CHANNEL_READ_SIZE
+        self.set_read_size(CHANNEL_READ_SIZE)
         # A pull producer: the transport asks for the next chunk only when the
         # previous one has drained into the kernel, so Twisted's buffer never
         # holds more than one paced chunk.
@@ -223,6 +219,15 @@ class VPChannelProtocol(Protocol):
             self._tcp.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
         except OSError:
             self._tcp = None  # not Linux: the pacer alone bounds the queue
+
+    def set_read_size(self, size: int) -> None:
+        """Read the channel ``size`` bytes at a time (see pacing.ReadSizer)."""
+        if size == self._read_size or not hasattr(self.transport, "bufferSize"):
+            return
+        # Twisted reads bufferSize bytes at a time; as a pull producer we are
+        # never paused by it, so it only sets the read size.
+        self._read_size = size
+        self.transport.bufferSize = size  # type: ignore[union-attr]
 
     def set_reading(self, reading: bool) -> None:
         """Stop reading the channel while the session's control backlog is too long."""
