@@ -762,7 +762,7 @@ def test_bad_window_frames_reset_the_stream(payload: bytes) -> None:
 
 
 def test_data_before_open_ok_and_after_eof_are_protocol_errors() -> None:
-    session, peer = raw_session()
+    session, peer = raw_session(SessionConfig(early_data=False))
     session.receive_data(peer.frame(FrameType.OPEN, OPENER_BIT | 1, b"svc"), 0.0)
     session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"early"), 0.0)
     events = session.take_events()
@@ -822,7 +822,7 @@ def test_control_frames_go_before_data() -> None:
 
 
 def test_send_high_water_and_writable() -> None:
-    pair = up_pair(SessionConfig(send_high_water=1000))
+    pair = up_pair(SessionConfig(send_high_water=1000), SessionConfig(early_data=False))
     sa = pair.a.open_stream("svc", 0.0)
     assert pair.a.send(sa, b"a" * 999) is True
     assert pair.a.send(sa, b"a") is False  # queued while still opening
@@ -1835,3 +1835,48 @@ def test_a_repeated_hello_and_data_run_is_not_taken_twice() -> None:
     assert pair.received(B, b_id) == b"once"  # not "onceonce"
     # The repeated DATA then fails the sequence check: a loss, as the spec says.
     assert pair.b.stats.stale_frames == 1 and pair.b.stats.lost_frames > 0
+
+
+def test_early_data_follows_the_open_and_is_taken_before_open_ok() -> None:
+    """Both sides offer EARLY_DATA: the opener's first bytes and EOF go right
+    behind its OPEN; the acceptor takes them before its OPEN_OK."""
+    pair = SessionPair()
+    pair.handshake()
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.a.send(sid, b"GET /")
+    pair.a.send_eof(sid)
+    out = split_frames(pair.a.data_to_send())
+    assert [f.type for f in out] == [FrameType.OPEN, FrameType.DATA, FrameType.EOF]
+    pair.b.receive_data(b"".join(encode(f) for f in out), pair.now)
+    pair.collect()
+    key = peer_id(sid)
+    assert pair.of(B, ev.StreamRequested) == [ev.StreamRequested(key, "svc")]
+    assert pair.received(B, key) == b"GET /" and pair.of(B, ev.EndOfData)
+    pair.b.accept(key)
+    pair.b.consumed(key, 5)
+    pair.b.send(key, b"200")
+    pair.b.send_eof(key)
+    pair.pump()
+    assert pair.received(A, sid) == b"200"
+    assert pair.of(A, ev.StreamClosed) and pair.of(B, ev.StreamClosed)
+
+
+def test_no_early_data_to_a_peer_that_does_not_offer_it() -> None:
+    pair = SessionPair(SessionConfig(), SessionConfig(early_data=False))
+    pair.handshake()
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.a.send(sid, b"hello")
+    assert [f.type for f in split_frames(pair.a.data_to_send())] == [FrameType.OPEN]
+
+
+def test_early_data_of_a_refused_open_is_dropped() -> None:
+    pair = SessionPair()
+    pair.handshake()
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.a.send(sid, b"x" * 1000)
+    pair.flush(A)
+    pair.deliver(A)
+    pair.b.reject(peer_id(sid), Reason.REFUSED, "no")
+    pair.pump()
+    assert [e.reason for e in pair.of(A, ev.StreamRejected)] == [Reason.REFUSED]
+    assert pair.b.streams == {} and pair.b.stats.protocol_errors == 0

@@ -9,7 +9,7 @@ process; nothing here is global.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -109,6 +109,8 @@ class Channel:
         self._again = False
         self._closing = False
         self._counters_logged: dict[str, int] = {}
+        #: Peer data for streams whose local connect is under way (early data).
+        self._early: dict[int, list[bytes | None]] = {}
         self._counters_logged_at = 0.0
 
     # -------------------------------------------------------------- channel side
@@ -219,6 +221,11 @@ class Channel:
             return False
         self._locals[stream_id] = local
         self.session.accept(stream_id)
+        for item in self._early.pop(stream_id, ()):
+            if item is None:
+                local.end_of_data()
+            else:
+                local.deliver(item)
         self.pump()
         return True
 
@@ -322,12 +329,16 @@ class Channel:
             local = self._locals.get(stream_id)
             if local is not None:
                 local.deliver(event.data if pieces is None else pieces)
+            else:
+                self._hold_early(stream_id, [event.data] if pieces is None else pieces)
 
     def _dispatch(self, event: ev.Event) -> None:
         if isinstance(event, ev.DataReceived):
             local = self._locals.get(event.stream_id)
             if local is not None:
                 local.deliver(event.data)
+            else:
+                self._hold_early(event.stream_id, [event.data])
         elif isinstance(event, ev.StreamWritable):
             local = self._locals.get(event.stream_id)
             if local is not None:
@@ -336,6 +347,8 @@ class Channel:
             local = self._locals.get(event.stream_id)
             if local is not None:
                 local.end_of_data()
+            else:
+                self._hold_early(event.stream_id, [None])
         elif isinstance(event, ev.StreamClosed):
             self.opened_at.pop(event.stream_id, None)
             local = self._locals.pop(event.stream_id, None)
@@ -380,6 +393,7 @@ class Channel:
                     transport.abortConnection()  # type: ignore[attr-defined]
 
     def _abort_stream(self, stream_id: int, reason: int, message: str, by_peer: bool) -> None:
+        self._early.pop(stream_id, None)
         self.opened_at.pop(stream_id, None)
         connecting = self._connecting.pop(stream_id, None)
         if connecting is not None:
@@ -430,7 +444,14 @@ class Channel:
             return
         self.connected(stream_id, handler)
 
+    def _hold_early(self, stream_id: int, items: Sequence[bytes | None]) -> None:
+        """Data (or EOF, None) that came right behind the peer's OPEN, while our
+        connect is under way; bounded by the stream's window."""
+        if self.session.stream_info(stream_id) is not None:
+            self._early.setdefault(stream_id, []).extend(items)
+
     def _connect_failed(self, failure: Failure, stream_id: int, service: str) -> None:
+        self._early.pop(stream_id, None)
         self._connecting.pop(stream_id, None)
         self.opened_at.pop(stream_id, None)
         if failure.check(ConnectingCancelledError) or self.session.stream_info(stream_id) is None:

@@ -24,6 +24,7 @@ from heapq import heappop, heappush
 
 from virtproxy import events as ev
 from virtproxy.frames import (
+    CAP_EARLY_DATA,
     CAP_HEADER_CRC,
     FLAG_HEADER_CRC,
     LINK_FRAME_TYPES,
@@ -115,6 +116,9 @@ class SessionConfig:
     #: acknowledged, retransmitted chunks; "auto" does so once the peer does;
     #: "off" never (a peer that insists gets no session).
     link: str = "auto"
+    #: Send a stream's first bytes right behind its OPEN when the peer accepts
+    #: that (a round trip less for every short connection), and accept them.
+    early_data: bool = True
 
     def __post_init__(self) -> None:
         if not MIN_MAX_FRAME <= self.max_frame <= MAX_PAYLOAD:
@@ -198,6 +202,9 @@ class Stream:
     bytes_received: int = 0
     #: DATA received and not yet taken by the local socket (session window).
     unconsumed: int = 0
+    #: Data may flow before OPEN_OK (ours: sent behind the OPEN; theirs: taken
+    #: while our local connect is under way).
+    early: bool = False
 
 
 @dataclass
@@ -286,6 +293,7 @@ class Session:
         self._session_credit: int | None = None  # what we may still send
         self._session_recv_credit = self.config.session_window  # what the peer may
         self._session_unacked = 0  # delivered since our last session WINDOW
+        self._peer_early = False  # the peer takes DATA right behind an OPEN
 
     # ------------------------------------------------------------------ owner API
 
@@ -384,7 +392,7 @@ class Session:
             return stream is not None and not stream.blocked
         stream.queue.append(data)
         stream.queued += len(data)
-        if stream.state is StreamState.OPEN and stream.send_credit > 0:
+        if (stream.state is StreamState.OPEN or stream.early) and stream.send_credit > 0:
             self._mark_ready(stream)
         if stream.queued >= self.config.send_high_water:
             stream.blocked = True
@@ -397,7 +405,7 @@ class Session:
         if stream is None or stream.eof_pending:
             return
         stream.eof_pending = True
-        if stream.state is StreamState.OPEN:
+        if stream.state is StreamState.OPEN or stream.early:
             self._mark_ready(stream)
 
     def reset(self, stream_id: int, reason: int = Reason.ABORTED, message: str = "") -> None:
@@ -697,6 +705,7 @@ class Session:
             self._session_credit = session_window
             self._session_recv_credit = self.config.session_window
             self._session_unacked = 0
+            self._peer_early = bool(caps & CAP_EARLY_DATA)
             both = self.config.header_crc and caps & CAP_HEADER_CRC
             self._data_flags = FLAG_HEADER_CRC if both else 0
         if seen == self.session_id and self.state is not State.UP:
@@ -816,6 +825,9 @@ class Session:
             return
         self._peer_opened += 1
         stream = Stream(key, name.decode("ascii"), ours=False, state=StreamState.ACCEPTING)
+        if self.config.early_data:
+            stream.early = True
+            stream.recv_credit = self.config.window
         self.streams[key] = stream
         self._events.append(ev.StreamRequested(key, stream.service))
 
@@ -850,7 +862,11 @@ class Session:
     def _on_data(self, frame: Frame, stream: Stream) -> None:
         size = len(frame.payload)
         self._data_received += size
-        if stream.state is not StreamState.OPEN or stream.eof_received or not size:
+        if (
+            not (stream.state is StreamState.OPEN or (stream.early and not stream.ours))
+            or stream.eof_received
+            or not size
+        ):
             self._stream_protocol_error(stream, "DATA in the wrong state")
             return
         if size > stream.recv_credit:
@@ -875,7 +891,8 @@ class Session:
         self._mark_ready(stream)
 
     def _on_eof(self, frame: Frame, stream: Stream) -> None:
-        if stream.state is not StreamState.OPEN or stream.eof_received:
+        open_enough = stream.state is StreamState.OPEN or (stream.early and not stream.ours)
+        if not open_enough or stream.eof_received:
             self._stream_protocol_error(stream, "EOF in the wrong state")
             return
         stream.eof_received = True
@@ -958,7 +975,8 @@ class Session:
                 self.config.max_frame,
                 self.config.window,
                 self.config.max_streams,
-                CAP_HEADER_CRC if self.config.header_crc else 0,
+                (CAP_HEADER_CRC if self.config.header_crc else 0)
+                | (CAP_EARLY_DATA if self.config.early_data else 0),
             ) + _HELLO_SESSION_WINDOW.pack(self.config.session_window)
             flags = 0 if self.state is State.UP else HELLO_ANSWER
             size += encode_into(out, FrameType.HELLO, 0, payload, self._hellos_sent & 0xFF, flags)
@@ -984,9 +1002,9 @@ class Session:
             while ready and size < limit:
                 stream = ready.popleft()
                 stream.ready = False
-                if (
-                    self.streams.get(stream.key) is not stream
-                    or stream.state is not StreamState.OPEN
+                if self.streams.get(stream.key) is not stream or not (
+                    stream.state is StreamState.OPEN
+                    or (stream.early and stream.state is StreamState.OPENING)
                 ):
                     continue
                 wire_id = stream.key ^ OPENER_BIT
@@ -1142,6 +1160,8 @@ class Session:
             stream = self.streams.get(key)
             if stream is not None and stream.state is StreamState.OPENING:
                 stream.state = StreamState.PENDING
+                stream.early = False
+                stream.send_credit = 0
                 self._we_opened = max(0, self._we_opened - 1)
                 self._pending.appendleft(key)
         for stream in list(self.streams.values()):
@@ -1176,12 +1196,24 @@ class Session:
                     stream.service.encode("ascii"),
                 )
             )
+            stream.early = self._peer_early and self.config.early_data
+            if stream.early:
+                # The peer's window applies from the OPEN on: the first bytes
+                # follow it without waiting a round trip for OPEN_OK.
+                stream.send_credit = self.peer_window
+                self._mark_ready(stream)
 
     def _now_open(self, stream: Stream) -> None:
         """OPEN_OK sent or received: both windows start, queued data may flow."""
+        early = stream.early
         stream.state = StreamState.OPEN
-        stream.send_credit = self.peer_window
-        stream.recv_credit = self.config.window
+        stream.early = False
+        # An early stream got one window at the OPEN: the opener's credit to
+        # send, the acceptor's credit to receive.  The other starts now.
+        if not early or not stream.ours:
+            stream.send_credit = self.peer_window
+        if not early or stream.ours:
+            stream.recv_credit = self.config.window
         self._mark_ready(stream)
 
     def _queue_reason(self, ftype: int, wire_id: int, reason: int, message: str) -> None:
