@@ -391,6 +391,49 @@ def test_data_sent_before_the_open_completes_is_kept(world: World) -> None:
     assert local.received() == b"answer"
 
 
+def test_early_data_waits_at_the_far_side_for_the_connect_and_goes_out_at_once(
+    world: World,
+) -> None:
+    """Both sides offer EARLY_DATA: the client's bytes and EOF cross the channel
+    behind the OPEN and wait at B while its connect is under way."""
+    local = world.accept()
+    local.send(b"GET / ")
+    local.send(b"HTTP/1.0")
+    local.protocol.readConnectionLost()
+    world.pipe.pump()
+    [stream] = world.b.session.streams.values()
+    assert stream.bytes_received == 14 and stream.eof_received  # before any OPEN_OK
+    attempt = world.endpoint.attempts[0]
+    protocol = attempt.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 7))
+    transport = RecordingTransport(world.clock, port=7)
+    attach(protocol, transport)  # connectionMade: delivered there and then
+    assert transport.value() == b"GET / HTTP/1.0" and transport.write_closes == 1
+    attempt.deferred.callback(protocol)
+    world.pipe.pump()
+    assert world.b._early == {}
+    protocol.dataReceived(b"200")
+    protocol.readConnectionLost()
+    world.pipe.pump()
+    assert local.received() == b"200"
+    assert local.transport.clean and transport.clean
+
+
+def test_early_data_of_a_failed_connect_is_dropped_and_the_client_reset(
+    world: World, logs: Logs
+) -> None:
+    local = world.accept()
+    local.send(b"x" * 5000)
+    local.protocol.readConnectionLost()
+    world.pipe.pump()
+    assert world.b._early
+    world.endpoint.attempts[0].fail(ConnectionRefusedError("nobody home"))
+    world.pipe.pump()
+    assert local.transport.aborts == 1 and not local.transport.clean
+    assert world.b._early == {} and world.b.session.streams == {}
+    assert world.a.session.streams == {}
+    assert world.a.session.stats.protocol_errors == world.b.session.stats.protocol_errors == 0
+
+
 def test_half_close_then_reply_then_clean_close(world: World, logs: Logs) -> None:
     local, target = world.open()
     local.send(b"request")

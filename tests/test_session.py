@@ -1880,3 +1880,99 @@ def test_early_data_of_a_refused_open_is_dropped() -> None:
     pair.pump()
     assert [e.reason for e in pair.of(A, ev.StreamRejected)] == [Reason.REFUSED]
     assert pair.b.streams == {} and pair.b.stats.protocol_errors == 0
+
+
+def test_early_data_of_an_open_refused_at_once_is_dropped_up_to_the_window() -> None:
+    """An OPEN refused on arrival (a limit) may have early DATA right behind it:
+    dropped quietly up to the window our HELLO granted, a protocol error past it."""
+    session, peer = raw_session(SessionConfig(max_frame=1024, window=2048, max_streams=1))
+    raw_open(session, peer, 1)
+    session.receive_data(peer.frame(FrameType.OPEN, OPENER_BIT | 2, b"svc"), 0.0)
+    for _ in range(2):
+        session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 2, b"e" * 1024), 0.0)
+    session.receive_data(peer.frame(FrameType.EOF, OPENER_BIT | 2), 0.0)
+    assert session.take_events() == []
+    assert [(f.type, f.stream) for f in peer.read(session)] == [(FrameType.OPEN_FAIL, 2)]
+    assert session.stats.protocol_errors == 0 and session.is_up
+    session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 2, b"X"), 0.0)
+    assert session.stats.protocol_errors == 1
+    [reply] = peer.read(session)
+    assert (reply.type, reply.stream, reply.payload[0]) == (FrameType.RESET, 2, Reason.PROTOCOL)
+
+
+def test_early_data_of_a_stream_rejected_after_its_connect_failed_is_dropped() -> None:
+    session, peer = raw_session(SessionConfig(max_frame=1024, window=2048))
+    session.receive_data(peer.frame(FrameType.OPEN, OPENER_BIT | 1, b"svc"), 0.0)
+    session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"e" * 1000), 0.0)
+    assert [type(e) for e in session.take_events()] == [ev.StreamRequested, ev.DataReceived]
+    session.reject(OPENER_BIT | 1, Reason.REFUSED, "connection refused")
+    # The rest of the window was in flight: quietly dropped; one byte more is not.
+    for size in (1024, 24):
+        session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"e" * size), 0.0)
+    assert session.stats.protocol_errors == 0
+    session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"e"), 0.0)
+    assert session.stats.protocol_errors == 1
+    assert session.take_events() == [] and session.is_up
+
+
+def test_early_data_beyond_the_window_is_a_protocol_error() -> None:
+    session, peer = raw_session(SessionConfig(max_frame=1024, window=2048))
+    session.receive_data(peer.frame(FrameType.OPEN, OPENER_BIT | 1, b"svc"), 0.0)
+    for _ in range(2):
+        session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"e" * 1024), 0.0)
+    session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"X"), 0.0)
+    events = session.take_events()
+    assert (type(events[-1]), events[-1].reason) == (ev.StreamReset, Reason.PROTOCOL)
+    assert session.streams == {} and session.stats.protocol_errors == 1
+
+
+def test_early_data_taken_before_open_ok_is_granted_back_behind_it() -> None:
+    """The local socket may take early data before the owner accepts: that
+    credit comes back in a WINDOW right after the OPEN_OK."""
+    session, peer = raw_session(SessionConfig(max_frame=1024, window=2048))
+    session.receive_data(peer.frame(FrameType.OPEN, OPENER_BIT | 1, b"svc"), 0.0)
+    session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"e" * 1024), 0.0)
+    session.take_events()
+    session.consumed(OPENER_BIT | 1, 1024)
+    assert peer.read(session) == []  # no WINDOW before the OPEN_OK
+    session.accept(OPENER_BIT | 1)
+    frames = peer.read(session)
+    assert [(f.type, f.stream) for f in frames] == [(FrameType.OPEN_OK, 1), (FrameType.WINDOW, 1)]
+    assert frames[1].payload == (1024).to_bytes(4, "big")
+
+
+def test_an_open_sent_when_a_slot_frees_mid_write_keeps_its_data_behind_it() -> None:
+    """A stream closing while the session writes frees a slot for a pending open:
+    that open's early DATA and EOF must not overtake its OPEN."""
+    pair = up_pair(SessionConfig(), SessionConfig(max_streams=1))
+    first = pair.a.open_stream("svc", pair.now)
+    pair.pump()
+    pair.b.accept(peer_id(first))
+    pair.b.send_eof(peer_id(first))
+    pair.pump()
+    second = pair.a.open_stream("svc", pair.now)  # waits for the one slot
+    pair.a.send(second, b"hello")
+    pair.a.send_eof(second)
+    pair.a.send_eof(first)  # closes the first stream inside data_to_send
+    pair.pump()
+    wire = second ^ OPENER_BIT
+    mine = [FrameType(f.type) for f in pair.sent_frames[A] if f.stream == wire]
+    assert mine == [FrameType.OPEN, FrameType.DATA, FrameType.EOF]
+    assert pair.b.stats.protocol_errors == 0
+    assert pair.received(B, peer_id(second)) == b"hello"
+
+
+def test_early_data_of_an_unsent_open_waits_for_the_next_session() -> None:
+    """An OPEN still queued when the session ends goes back to pending with its
+    data and EOF, and all of it is sent once a new session is up."""
+    pair = up_pair()
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.a.send(sid, b"later")
+    pair.a.send_eof(sid)
+    pair.disconnect()
+    pair.connect()
+    pair.handshake()
+    pair.pump()
+    key = peer_id(sid)
+    assert pair.of(B, ev.StreamRequested) == [ev.StreamRequested(key, "svc")]
+    assert pair.received(B, key) == b"later" and pair.of(B, ev.EndOfData)

@@ -221,11 +221,17 @@ class Channel:
             return False
         self._locals[stream_id] = local
         self.session.accept(stream_id)
-        for item in self._early.pop(stream_id, ()):
-            if item is None:
+        early = self._early.pop(stream_id, None)
+        if early is not None:
+            # What the peer sent right behind its OPEN goes out at once, in one write.
+            eof = early[-1] is None
+            pieces = [item for item in early if item is not None]
+            if len(pieces) > MAX_PIECES:
+                pieces = [b"".join(pieces)]
+            if pieces:
+                local.deliver(pieces[0] if len(pieces) == 1 else pieces)
+            if eof:
                 local.end_of_data()
-            else:
-                local.deliver(item)
         self.pump()
         return True
 
@@ -445,8 +451,10 @@ class Channel:
         self.connected(stream_id, handler)
 
     def _hold_early(self, stream_id: int, items: Sequence[bytes | None]) -> None:
-        """Data (or EOF, None) that came right behind the peer's OPEN, while our
-        connect is under way; bounded by the stream's window."""
+        """Data (or EOF, None: always last) that came right behind the peer's
+        OPEN, while our connect is under way.  The session bounds it by the
+        window our HELLO granted each stream; the bytes count as delivered
+        (credit) only once the local socket took them."""
         if self.session.stream_info(stream_id) is not None:
             self._early.setdefault(stream_id, []).extend(items)
 

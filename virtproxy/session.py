@@ -70,7 +70,9 @@ MAX_SERVICE_NAME = 64
 MAX_MESSAGE = 200
 _SERVICE_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
-#: Frames the session holds for retransmission-free replay of recent resets.
+#: Streams we ended (or refused) lately, remembered with the DATA credit the
+#: peer may still spend on them: DATA in flight when they ended is dropped
+#: quietly, DATA past that credit is a protocol error.
 _RECENT_RESETS = 4096
 #: Above this many queued control frames the owner should stop reading the
 #: channel: a peer that sends without reading must not grow our memory.
@@ -271,7 +273,7 @@ class Session:
         self._highest_peer_number = 0
         self._peer_opened = 0  # live streams the peer opened
         self._we_opened = 0  # live streams we opened that the peer counts
-        self._recent_resets: OrderedDict[int, None] = OrderedDict()
+        self._recent_resets: OrderedDict[int, int] = OrderedDict()
         self._deadlines: list[tuple[float, int]] = []
         self._last_received = 0.0
         self._last_ping = 0.0
@@ -425,10 +427,11 @@ class Session:
         taken = min(count, stream.unconsumed)
         stream.unconsumed -= taken
         self._credit_session(taken)
-        if stream.state is not StreamState.OPEN or stream.eof_received:
+        if stream.eof_received or not (stream.state is StreamState.OPEN or stream.early):
             return
         stream.unacked += count
-        if stream.unacked >= self.config.window // 4:
+        # Early data taken before our OPEN_OK is granted back right behind it.
+        if stream.unacked >= self.config.window // 4 and stream.state is StreamState.OPEN:
             self._grant(stream)
 
     def stream_info(self, stream_id: int) -> Stream | None:
@@ -796,6 +799,11 @@ class Session:
         """OPEN_FAIL(LIMIT): a limit of ours, not a fault of the peer's."""
         self.stats.limit_hits += 1
         self._queue_reason(FrameType.OPEN_FAIL, frame.stream ^ OPENER_BIT, Reason.LIMIT, message)
+        self._refused(frame.stream)
+
+    def _refused(self, key: int) -> None:
+        """An OPEN we answered with OPEN_FAIL at once: early data may follow it."""
+        self._remember_ended(key, self.config.window if self.config.early_data else 0)
 
     def _on_open(self, frame: Frame, key: int, now: float) -> None:
         number = key & MAX_STREAM_NUMBER
@@ -816,6 +824,7 @@ class Session:
             self._queue_reason(
                 FrameType.OPEN_FAIL, frame.stream ^ OPENER_BIT, Reason.PROTOCOL, "bad service name"
             )
+            self._refused(key)
             return
         if self._peer_opened >= self.config.max_streams:
             self._refuse_open(frame, "too many streams")
@@ -836,8 +845,16 @@ class Session:
             self._data_received += len(frame.payload)  # it still crossed the line
             if self._take_session_credit(len(frame.payload)):
                 self._credit_session(len(frame.payload))  # dropped: delivered, as it were
-        if key in self._recent_resets:
-            return  # was in flight when we reset it
+        credit = self._recent_resets.get(key)
+        if credit is not None:
+            # In flight when we ended (or refused) it, early DATA of a refused
+            # OPEN included: dropped, but only up to the credit the peer had.
+            if frame.type == FrameType.DATA:
+                size = len(frame.payload)
+                if size > credit:
+                    self._protocol_error(frame, "DATA beyond the granted window")
+                self._recent_resets[key] = max(0, credit - size)
+            return
         number = key & MAX_STREAM_NUMBER
         known_range = self._highest_peer_number if key & OPENER_BIT else self._next_number - 1
         if number and number <= known_range:
@@ -989,6 +1006,8 @@ class Session:
             size += encode_into(out, ftype, stream_id, payload, seq)
             seq = (seq + 1) & 0xFF
             frames += 1
+            if ftype == FrameType.OPEN and self._peer_early:
+                self._open_sent(stream_id ^ OPENER_BIT)
         if self.state is State.UP:
             ready = self._ready
             max_frame = max(1, min(self.peer_max_frame, frame_limit))
@@ -1172,6 +1191,8 @@ class Session:
                 self._events.append(ev.StreamRejected(stream.key, code, reason))
             else:
                 self._events.append(ev.StreamReset(stream.key, code, reason, False))
+        for stream in self._ready:
+            stream.ready = False  # a pending open's early data waits for the next session
         self._ready.clear()
         # Drop queued frames that belong to the old session; keep a GOAWAY.
         self._control = deque(item for item in self._control if item[0] == FrameType.GOAWAY)
@@ -1196,12 +1217,25 @@ class Session:
                     stream.service.encode("ascii"),
                 )
             )
-            stream.early = self._peer_early and self.config.early_data
-            if stream.early:
-                # The peer's window applies from the OPEN on: the first bytes
-                # follow it without waiting a round trip for OPEN_OK.
-                stream.send_credit = self.peer_window
-                self._mark_ready(stream)
+
+    def _open_sent(self, key: int) -> None:
+        """Our OPEN just went out to a peer that takes early data: the peer's
+        window applies from here on, so the stream's first bytes (and EOF) follow
+        the OPEN without waiting a round trip for OPEN_OK.
+
+        Not before the OPEN is on its way: DATA must never overtake its OPEN.
+        """
+        stream = self.streams.get(key)
+        if (
+            stream is None
+            or stream.state is not StreamState.OPENING
+            or stream.early
+            or not self.config.early_data
+        ):
+            return
+        stream.early = True
+        stream.send_credit = self.peer_window
+        self._mark_ready(stream)
 
     def _now_open(self, stream: Stream) -> None:
         """OPEN_OK sent or received: both windows start, queued data may flow."""
@@ -1214,6 +1248,8 @@ class Session:
             stream.send_credit = self.peer_window
         if not early or stream.ours:
             stream.recv_credit = self.config.window
+        elif stream.unacked >= self.config.window // 4:
+            self._grant(stream)  # early data the local socket took already
         self._mark_ready(stream)
 
     def _queue_reason(self, ftype: int, wire_id: int, reason: int, message: str) -> None:
@@ -1251,9 +1287,13 @@ class Session:
         else:
             self._peer_opened = max(0, self._peer_opened - 1)
         if stream.state is not StreamState.PENDING:
-            self._recent_resets[stream.key] = None
-            if len(self._recent_resets) > _RECENT_RESETS:
-                self._recent_resets.popitem(last=False)
+            if stream.eof_received:
+                credit = 0
+            elif stream.ours and stream.state is StreamState.OPENING:
+                credit = self.config.window  # it may accept, unaware, and send
+            else:
+                credit = stream.recv_credit
+            self._remember_ended(stream.key, credit)
         stream.queue.clear()
         stream.queued = 0
         if stream.unconsumed:
@@ -1264,6 +1304,11 @@ class Session:
         if stream.ours and stream.state is not StreamState.PENDING:
             self._send_pending_opens()
 
+    def _remember_ended(self, key: int, credit: int) -> None:
+        self._recent_resets[key] = credit
+        if len(self._recent_resets) > _RECENT_RESETS:
+            self._recent_resets.popitem(last=False)
+
     def _protocol_error(self, frame: Frame, why: str) -> None:
         self.stats.protocol_errors += 1
         if frame.type != FrameType.RESET and frame.stream:
@@ -1272,6 +1317,9 @@ class Session:
     def _stream_protocol_error(self, stream: Stream, why: str) -> None:
         self.stats.protocol_errors += 1
         self.reset(stream.key, Reason.PROTOCOL, why)
+        if stream.key in self._recent_resets:
+            # One RESET(PROTOCOL) says it all: what follows in flight is ignored.
+            self._recent_resets[stream.key] = MAX_WINDOW
         self._events.append(
             ev.StreamReset(stream.key, Reason.PROTOCOL, f"peer error: {why}", False)
         )
