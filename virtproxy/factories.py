@@ -54,12 +54,14 @@ class ProxyProtocol(Protocol):
         self._registered = False
         self._read_done = False  # the local socket sent EOF
         self._write_done = False  # we shut down its write side (peer EOF)
+        self.started_at = 0.0
 
     # -------------------------------------------------------------- local socket
 
     def connectionMade(self) -> None:
         transport = self.transport
         assert transport is not None
+        self.started_at = self.channel.reactor.seconds()
         handle = getattr(transport, "socket", None)
         if isinstance(handle, socket.socket) and handle.family in (
             socket.AF_INET,
@@ -102,14 +104,17 @@ class ProxyProtocol(Protocol):
             self.failed = True
             self.channel.local_lost(self.stream_id, reason.getErrorMessage())
         if self.stream_id and self.end_reason:
+            # The stream's one log line: who, what, how much, how long, how it ended.
             log = self.log.warn if self.failed else self.log.info
             log(
-                "{label}: stream {id:#x} closed: service={service} peer={peer} "
-                "in={bytes_in} out={bytes_out}: {why}",
+                "{label}: stream {id:#x} closed: service={service} peer={peer} ({role}) "
+                "{seconds:.3f}s in={bytes_in} out={bytes_out}: {why}",
                 label=self.channel.label,
                 id=self.stream_id,
                 service=self.service,
                 peer=self.describe_peer(),
+                role=self.role,
+                seconds=max(0.0, self.channel.reactor.seconds() - self.started_at),
                 bytes_in=self.bytes_in,
                 bytes_out=self.bytes_out,
                 why=self.end_reason,
@@ -168,14 +173,7 @@ class ProxyProtocol(Protocol):
             self.transport.loseWriteConnection()  # type: ignore[attr-defined]
 
     def stream_opened(self) -> None:
-        self.log.info(
-            "{label}: stream {id:#x} opened: service={service} peer={peer} ({role})",
-            label=self.channel.label,
-            id=self.stream_id,
-            service=self.service,
-            peer=self.describe_peer(),
-            role=self.role,
-        )
+        """The peer accepted (or we connected): logged once, when the stream ends."""
 
     def stream_closed(self) -> None:
         """EOF both ways: a clean end; the transport closes once its buffer is out."""
@@ -243,8 +241,6 @@ class ProxyClientProtocol(ProxyProtocol):
             self.end_reason = "the stream ended while connecting"
             assert self.transport is not None
             self.transport.abortConnection()  # type: ignore[attr-defined]
-            return
-        self.stream_opened()
 
 
 class ProxyClientFactory(Factory):
