@@ -176,11 +176,15 @@ class Channel:
         self.pump()
         return ended
 
-    def open_stream(self, service: str, local: StreamEnd) -> int:
-        stream_id = self.session.open_stream(service, self.reactor.seconds())
-        self.opened_at[stream_id] = self.reactor.seconds()
+    def open_stream(self, service: str, local: StreamEnd, flush: bool = True) -> int:
+        """Open a stream for ``local``; ``flush=False``: the caller pumps soon
+        (so the OPEN can go in one write with the first data)."""
+        now = self.reactor.seconds()
+        stream_id = self.session.open_stream(service, now)
+        self.opened_at[stream_id] = now
         self._locals[stream_id] = local
-        self.pump()
+        if flush:
+            self.pump()
         return stream_id
 
     def send(self, stream_id: int, data: bytes) -> bool:

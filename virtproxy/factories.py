@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from virtproxy.channel import Channel
 from virtproxy.frames import describe_reason
+from virtproxy.localio import lose_connection_now, lose_write_now, read_now
 from virtproxy.protocol import VPChannelProtocol, describe_address, write_now
 
 #: Bytes read from a local socket at a time (Twisted's default is 64 KiB): one
@@ -170,7 +171,7 @@ class ProxyProtocol(Protocol):
             # No more peer data, so no more credit to withhold; and Twisted does
             # not shut down a write side while a producer is registered on it.
             self._release_transport()
-            self.transport.loseWriteConnection()  # type: ignore[attr-defined]
+            lose_write_now(self.transport)
 
     def stream_opened(self) -> None:
         """The peer accepted (or we connected): logged once, when the stream ends."""
@@ -181,7 +182,7 @@ class ProxyProtocol(Protocol):
         self.end_reason = "closed cleanly"
         if self.transport is not None:
             self._release_transport()
-            self.transport.loseConnection()
+            lose_connection_now(self.transport)
 
     def stream_reset(self, why: str) -> None:
         """The stream died of a failure: abort, so the client sees a reset, not an EOF."""
@@ -207,7 +208,14 @@ class ProxyServerProtocol(ProxyProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         self._live = True
-        self.stream_id = self.channel.open_stream(self.service, self)
+        self.stream_id = self.channel.open_stream(self.service, self, flush=False)
+        # A client often sends at once (a request): its first bytes may be
+        # here already, and then go over the channel in one write with the OPEN.
+        data = read_now(self.transport)
+        if data:
+            self.dataReceived(data)
+        else:
+            self.channel.pump()
 
 
 class ProxyServerFactory(Factory):
