@@ -417,6 +417,30 @@ def test_early_data_waits_at_the_far_side_for_the_connect_and_goes_out_at_once(
     assert local.transport.clean and transport.clean
 
 
+def test_an_open_ok_waits_for_the_reply_or_its_timer() -> None:
+    w = make_world(open_ok_delay=0.005)
+    local = w.accept()
+    local.send(b"ping")
+    w.pipe.pump()
+    target = Local(*w.endpoint.attempts[0].succeed(w.clock))
+    w.pipe.pump()
+    assert target.received() == b"ping"
+    [stream] = w.a.session.streams.values()
+    assert stream.state.name == "OPENING"  # the OPEN_OK waits
+    target.send(b"pong")
+    w.pipe.pump()
+    assert local.received() == b"pong" and stream.state.name == "OPEN"
+    # Without a reply, the channel's timer sends it.
+    second = w.accept(port=50001)
+    w.pipe.pump()
+    Local(*w.endpoint.attempts[1].succeed(w.clock))
+    w.pipe.pump()
+    [opening] = [s for s in w.a.session.streams.values() if s.key == second.protocol.stream_id]
+    assert opening.state.name == "OPENING"
+    w.pipe.advance(0.01, step=0.002)
+    assert opening.state.name == "OPEN"
+
+
 def test_early_data_of_a_failed_connect_is_dropped_and_the_client_reset(
     world: World, logs: Logs
 ) -> None:

@@ -1261,6 +1261,8 @@ SM_CONFIG = SessionConfig(
     hello_interval=1.0,
     open_timeout=10.0,
     send_high_water=2048,
+    # OPEN_OKs wait for company (or a tick) now and then, as in the daemon.
+    open_ok_delay=0.5,
 )
 MAX_OPENS = 14
 #: Control frames one side may have queued unsent.  Each step adds a few per
@@ -1976,3 +1978,60 @@ def test_early_data_of_an_unsent_open_waits_for_the_next_session() -> None:
     key = peer_id(sid)
     assert pair.of(B, ev.StreamRequested) == [ev.StreamRequested(key, "svc")]
     assert pair.received(B, key) == b"later" and pair.of(B, ev.EndOfData)
+
+
+def test_an_open_ok_to_an_early_sender_waits_for_the_first_reply() -> None:
+    """With open_ok_delay, the acceptor's OPEN_OK goes in one write with its
+    first DATA; no data ever waits for it."""
+    config = SessionConfig(open_ok_delay=0.005)
+    pair = up_pair(config, config)
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.a.send(sid, b"GET /")
+    pair.pump()
+    key = peer_id(sid)
+    pair.b.accept(key, pair.now)
+    assert not pair.b.has_data_to_send() and pair.b.data_to_send(now=pair.now) == b""
+    assert pair.b.next_deadline() == pytest.approx(pair.now + 0.005)
+    pair.b.send(key, b"200 OK")
+    out = split_frames(pair.b.data_to_send(now=pair.now))
+    assert [(f.type, f.payload) for f in out] == [
+        (FrameType.OPEN_OK, b""),
+        (FrameType.DATA, b"200 OK"),
+    ]
+    assert not pair.b.has_data_to_send()
+
+
+def test_a_waiting_open_ok_goes_alone_once_its_delay_passed() -> None:
+    config = SessionConfig(open_ok_delay=0.005)
+    pair = up_pair(config, config)
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.pump()
+    pair.b.accept(peer_id(sid), pair.now)
+    pair.pump()
+    assert not pair.of(A, ev.StreamAccepted)
+    pair.tick(pair.now + 0.005)
+    assert pair.b.has_data_to_send()
+    pair.pump()
+    assert pair.of(A, ev.StreamAccepted) == [ev.StreamAccepted(sid)]
+
+
+def test_any_other_control_frame_takes_a_waiting_open_ok_along() -> None:
+    config = SessionConfig(open_ok_delay=0.005)
+    pair = up_pair(config, config)
+    first = pair.a.open_stream("svc", pair.now)
+    second = pair.a.open_stream("svc", pair.now)
+    pair.pump()
+    pair.b.accept(peer_id(first), pair.now)
+    pair.b.accept(peer_id(second), pair.now)  # waits too
+    assert not pair.b.has_data_to_send()
+    pair.b.reset(peer_id(second), Reason.ABORTED)
+    out = split_frames(pair.b.data_to_send(now=pair.now))
+    assert [f.type for f in out] == [FrameType.OPEN_OK, FrameType.OPEN_OK, FrameType.RESET]
+
+
+def test_an_open_ok_to_a_peer_without_early_data_goes_at_once() -> None:
+    pair = up_pair(SessionConfig(early_data=False), SessionConfig(open_ok_delay=0.005))
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.pump()
+    pair.b.accept(peer_id(sid), pair.now)
+    assert [f.type for f in split_frames(pair.b.data_to_send())] == [FrameType.OPEN_OK]

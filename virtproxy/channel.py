@@ -224,7 +224,7 @@ class Channel:
         if self.session.stream_info(stream_id) is None:
             return False
         self._locals[stream_id] = local
-        self.session.accept(stream_id)
+        self.session.accept(stream_id, self.reactor.seconds())
         early = self._early.pop(stream_id, None)
         if early is not None:
             # What the peer sent right behind its OPEN goes out at once, in one write.

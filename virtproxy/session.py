@@ -121,6 +121,10 @@ class SessionConfig:
     #: Send a stream's first bytes right behind its OPEN when the peer accepts
     #: that (a round trip less for every short connection), and accept them.
     early_data: bool = True
+    #: Seconds an OPEN_OK to a peer that sends early data may wait for company
+    #: (the stream's first DATA, usually a reply): one write instead of two.
+    #: No data waits for it; the opener needs it only to accept our DATA.
+    open_ok_delay: float = 0.0
 
     def __post_init__(self) -> None:
         if not MIN_MAX_FRAME <= self.max_frame <= MAX_PAYLOAD:
@@ -137,6 +141,8 @@ class SessionConfig:
             raise ValueError("max_pending must be positive")
         if not 1 <= self.max_service_name <= MAX_SERVICE_NAME:
             raise ValueError(f"max_service_name must be 1..{MAX_SERVICE_NAME}")
+        if not 0 <= self.open_ok_delay < self.open_timeout:
+            raise ValueError("open_ok_delay must be 0..open_timeout")
         if not 0 < self.keepalive_interval < self.keepalive_timeout:
             raise ValueError("need 0 < keepalive_interval < keepalive_timeout")
         if self.link not in LINK_MODES:
@@ -265,6 +271,10 @@ class Session:
         self._data_flags = 0  # FLAG_HEADER_CRC once both sides offered it
         self._control: deque[tuple[int, int, bytes]] = deque()
         self._hello_queued = False
+        #: The control queue holds only this many OPEN_OKs that may wait (for
+        #: company) until _lazy_until; any other control frame sends them all.
+        self._lazy = 0
+        self._lazy_until = 0.0
         self._ready: deque[Stream] = deque()
         self._pending: deque[int] = deque()
         self._tx_seq = 0
@@ -332,6 +342,7 @@ class Session:
         self._end_session(reason, Reason.SESSION_LOST)
         self.state = State.DISCONNECTED
         self._control.clear()
+        self._lazy = 0
         self._hello_queued = False
         self._set_link(None)
 
@@ -371,12 +382,18 @@ class Session:
         self._send_pending_opens()
         return key
 
-    def accept(self, stream_id: int) -> None:
+    def accept(self, stream_id: int, now: float | None = None) -> None:
         """Our local connect for the peer's OPEN succeeded."""
         stream = self.streams.get(stream_id)
         if stream is None or stream.state is not StreamState.ACCEPTING:
             return
         self._control.append((FrameType.OPEN_OK, stream_id ^ OPENER_BIT, b""))
+        delay = self.config.open_ok_delay
+        if delay and stream.early and self._peer_early and self._lazy == len(self._control) - 1:
+            # The opener already sends; our OPEN_OK can ride with our first DATA.
+            if not self._lazy:
+                self._lazy_until = (self._now if now is None else now) + delay
+            self._lazy += 1
         self._now_open(stream)
 
     def reject(self, stream_id: int, reason: int, message: str = "") -> None:
@@ -449,6 +466,8 @@ class Session:
             times.append(stall)
         if self._deadlines:
             times.append(self._deadlines[0][0])
+        if self._lazy and self._control:
+            times.append(self._lazy_until)
         if self.link is not None:
             resend = self.link.deadline()
             if resend is not None:
@@ -941,7 +960,21 @@ class Session:
         return self._has_frames()
 
     def _has_frames(self) -> bool:
-        return bool(self._hello_queued or self._control or (self.state is State.UP and self._ready))
+        return bool(
+            self._hello_queued
+            or (self._control and not (self._lazy and self._control_waits(self._now)))
+            or (self.state is State.UP and self._ready)
+        )
+
+    def _control_waits(self, now: float) -> bool:
+        """Only OPEN_OKs that may wait for company are queued, and nothing
+        else is to go with them before ``_lazy_until``."""
+        return (
+            len(self._control) <= self._lazy
+            and now < self._lazy_until
+            and not self._hello_queued
+            and not (self.state is State.UP and self._ready)
+        )
 
     def data_to_send(
         self, limit: int = 256 * 1024, frame_limit: int = MAX_PAYLOAD, now: float | None = None
@@ -974,6 +1007,9 @@ class Session:
 
     def _frames_to_send(self, limit: int, frame_limit: int, now: float | None) -> bytes:
         """The session's own frames, as :meth:`data_to_send` describes."""
+        if self._lazy and self._control_waits(self._now if now is None else now):
+            return b""
+        self._lazy = 0  # whatever else goes, the waiting OPEN_OKs go first
         out: list[bytes] = []
         size = 0
         control = self._control
@@ -1196,6 +1232,7 @@ class Session:
         self._ready.clear()
         # Drop queued frames that belong to the old session; keep a GOAWAY.
         self._control = deque(item for item in self._control if item[0] == FrameType.GOAWAY)
+        self._lazy = 0
         if was_up:
             self._events.append(ev.SessionEnded(self.peer_session, reason, silent))
         self.peer_session = 0
