@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from virtproxy.localio import lose_connection_now, lose_write_now, read_now
+from virtproxy.localio import connect_direct, lose_connection_now, lose_write_now, read_now
 
 
 @implementer(IHalfCloseableProtocol)
@@ -143,3 +143,62 @@ def test_lose_connection_now_with_bytes_buffered_is_twisteds_close(pair: Pair) -
     assert pair.writing() and pair.transport.disconnecting
     assert not pair.protocol.lost
     assert pair.far_reads() is None
+
+
+# --------------------------------------------------------------------------- connect_direct
+
+
+class Made(Protocol):
+    pass
+
+
+def made_factory() -> Any:
+    from twisted.internet.protocol import Factory
+
+    return Factory.forProtocol(Made)
+
+
+def test_connect_direct_connects_with_the_endpoints_settings_and_no_wrapper() -> None:
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    reactor = MemoryReactorClock()
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", 7, timeout=3, bindAddress=("127.0.0.1", 0))
+    d = connect_direct(endpoint, made_factory())
+    assert d is not None and not d.called
+    [(host, port, factory, timeout, bind)] = reactor.tcpClients
+    assert (host, port, timeout, bind) == ("127.0.0.1", 7, 3, ("127.0.0.1", 0))
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 7))
+    assert type(protocol) is Made  # the protocol itself, not a wrapper
+    assert d.result is protocol
+
+
+def test_connect_direct_fails_and_cancels_as_the_endpoint_does() -> None:
+    from twisted.internet.endpoints import UNIXClientEndpoint
+    from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
+
+    reactor = MemoryReactorClock()
+    endpoint = UNIXClientEndpoint(reactor, "/nonexistent.sock", timeout=2)
+    failed = connect_direct(endpoint, made_factory())
+    assert failed is not None
+    [(path, factory, timeout, _)] = reactor.unixClients
+    assert (path, timeout) == ("/nonexistent.sock", 2)
+    factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
+    errors: list[Failure] = []
+    failed.addErrback(errors.append)
+    assert errors[0].check(ConnectionRefusedError)
+
+    cancelled = connect_direct(endpoint, made_factory())
+    assert cancelled is not None
+    cancelled.cancel()
+    cancelled.addErrback(errors.append)
+    assert errors[1].check(ConnectingCancelledError)
+    assert reactor.connectors[1].stoppedConnecting
+
+
+def test_connect_direct_leaves_other_endpoints_alone() -> None:
+    from twisted.internet.endpoints import HostnameEndpoint
+
+    reactor = MemoryReactorClock()
+    assert connect_direct(HostnameEndpoint(reactor, b"localhost", 7), made_factory()) is None
+    assert reactor.tcpClients == []

@@ -430,8 +430,12 @@ class Channel:
             self.opened_at.pop(stream_id, None)
             return
         from virtproxy.factories import ProxyClientFactory
+        from virtproxy.localio import connect_direct
 
-        deferred: Deferred[Any] = endpoint.connect(ProxyClientFactory(self, stream_id, service))
+        factory = ProxyClientFactory(self, stream_id, service)
+        deferred: Deferred[Any] | None = connect_direct(endpoint, factory)
+        if deferred is None:
+            deferred = endpoint.connect(factory)
         if not deferred.called:  # an endpoint may connect (or fail) synchronously
             self._connecting[stream_id] = deferred
         deferred.addErrback(self._connect_failed, stream_id, service)

@@ -13,6 +13,9 @@ and every close itself.
   register the socket for writing and finish on the next reactor turn (two
   ``epoll_ctl`` calls, an ``epoll_wait`` and an empty ``send``), even with
   nothing left to write.
+* :func:`connect_direct` is ``endpoint.connect`` for plain TCP and UNIX client
+  endpoints without the endpoint's wrapper protocol, through which every
+  later call of the connection would pass.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ import socket
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.error import ConnectingCancelledError, NoProtocol
+from twisted.internet.interfaces import IAddress, IConnector, IProtocol, IProtocolFactory
+from twisted.internet.protocol import ClientFactory
+from twisted.python.failure import Failure
 
 
 def _idle_socket(transport: Any) -> socket.socket | None:
@@ -88,3 +97,71 @@ def lose_connection_now(transport: Any) -> None:
         lose_write_now(transport)
     # With the write side shut, Twisted closes at once.
     transport.loseConnection()
+
+
+class _DirectFactory(ClientFactory):
+    """What the endpoint's wrapping factory does, minus the wrapper protocol."""
+
+    noisy = False
+
+    def __init__(self, factory: IProtocolFactory) -> None:
+        self.factory = factory
+        self.deferred: Deferred[IProtocol] = Deferred(canceller=self._cancel)
+        self.connector: IConnector | None = None
+
+    def startedConnecting(self, connector: IConnector) -> None:
+        self.connector = connector
+
+    def _cancel(self, deferred: Deferred[IProtocol]) -> None:
+        assert self.connector is not None  # connect* calls startedConnecting at once
+        deferred.errback(ConnectingCancelledError(self.connector.getDestination()))
+        self.connector.stopConnecting()
+
+    def doStart(self) -> None:
+        self.factory.doStart()
+
+    def doStop(self) -> None:
+        self.factory.doStop()
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        # Called once connected, right before the protocol's connectionMade.
+        assert addr is not None  # a connector always passes the peer's address
+        try:
+            protocol = self.factory.buildProtocol(addr)
+            if protocol is None:
+                raise NoProtocol()
+        except BaseException:
+            self.deferred.errback()
+            return None
+        self.deferred.callback(protocol)
+        return protocol
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        if not self.deferred.called:
+            self.deferred.errback(reason)
+
+
+def connect_direct(endpoint: object, factory: IProtocolFactory) -> Deferred[IProtocol] | None:
+    """``endpoint.connect(factory)`` for a plain TCP or UNIX client endpoint,
+    without its wrapper protocol (None for any other endpoint).
+
+    The Deferred fails as the endpoint's would (``ConnectingCancelledError``
+    once cancelled) and fires with the protocol just before its
+    ``connectionMade``, not just after.
+    """
+    direct = _DirectFactory(factory)
+    if type(endpoint) is TCP4ClientEndpoint:
+        endpoint._reactor.connectTCP(
+            endpoint._host,
+            endpoint._port,
+            direct,
+            timeout=endpoint._timeout,
+            bindAddress=endpoint._bindAddress,
+        )
+    elif type(endpoint) is UNIXClientEndpoint:
+        endpoint._reactor.connectUNIX(
+            endpoint._path, direct, timeout=endpoint._timeout, checkPID=endpoint._checkPID
+        )
+    else:
+        return None
+    return direct.deferred
