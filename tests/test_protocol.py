@@ -417,6 +417,25 @@ def test_early_data_waits_at_the_far_side_for_the_connect_and_goes_out_at_once(
     assert local.transport.clean and transport.clean
 
 
+def test_an_eof_goes_at_the_end_of_the_reactor_turn_with_what_else_is_written(
+    world: World,
+) -> None:
+    """A client that closes and connects again at once: one channel write
+    carries the old stream's EOF and the new stream's OPEN."""
+    from virtproxy.frames import FrameDecoder, FrameType
+
+    local, target = world.open()
+    local.protocol.readConnectionLost()
+    assert world.pipe.ta.value() == b""  # not yet
+    protocol = world.listener.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50001))
+    attach(protocol, RecordingTransport(world.clock, port=50001))
+    frames = FrameDecoder(1 << 20).feed(world.pipe.ta.value())
+    assert [f.type for f in frames] == [FrameType.OPEN, FrameType.EOF]
+    world.pipe.pump()
+    assert target.transport.write_closes == 1
+    assert len(world.endpoint.attempts) == 2
+
+
 def test_an_open_ok_waits_for_the_reply_or_its_timer() -> None:
     w = make_world(open_ok_delay=0.005)
     local = w.accept()

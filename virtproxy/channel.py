@@ -107,6 +107,7 @@ class Channel:
         self._timer: IDelayedCall | None = None
         self._pumping = False
         self._again = False
+        self._pump_soon: IDelayedCall | None = None
         self._closing = False
         self._counters_logged: dict[str, int] = {}
         #: Peer data for streams whose local connect is under way (early data).
@@ -200,7 +201,15 @@ class Channel:
         return more
 
     def send_eof(self, stream_id: int) -> None:
+        """EOF follows the queued data, at the end of this reactor turn: a
+        short connection's EOF then often shares a write with the next
+        connection's OPEN (the client closed and connected again at once)."""
         self.session.send_eof(stream_id)
+        if self._pump_soon is None:
+            self._pump_soon = self.reactor.callLater(0, self._pump_now)
+
+    def _pump_now(self) -> None:
+        self._pump_soon = None
         self.pump()
 
     def consumed(self, stream_id: int, count: int) -> None:
