@@ -94,8 +94,9 @@ def lose_connection_now(transport: Any) -> None:
     """``loseConnection``: at once (FIN now, the protocol's ``connectionLost``
     before this returns) if nothing is buffered."""
     if _idle_socket(transport) is not None:
-        lose_write_now(transport)
-    # With the write side shut, Twisted closes at once.
+        # Nothing left to write: with the write side counted as done, Twisted
+        # closes at once, and its close (shutdown(2), close) sends the FIN.
+        transport._writeDisconnected = True
     transport.loseConnection()
 
 
