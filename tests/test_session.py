@@ -2035,3 +2035,29 @@ def test_an_open_ok_to_a_peer_without_early_data_goes_at_once() -> None:
     pair.pump()
     pair.b.accept(peer_id(sid), pair.now)
     assert [f.type for f in split_frames(pair.b.data_to_send())] == [FrameType.OPEN_OK]
+
+
+@pytest.mark.parametrize("sent", [False, True])
+def test_early_data_reaching_a_restarted_peer_is_no_protocol_error(sent: bool) -> None:
+    """A opens a stream with early data and EOF while B restarts: what A had
+    sent is stale at the new B, what it had not sent goes once the new session
+    is up; nobody counts a protocol error."""
+    pair = up_pair()
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.a.send(sid, b"request")
+    pair.a.send_eof(sid)
+    if sent:
+        pair.flush(A)  # OPEN, DATA, EOF on the wire towards the old B
+    pair.replace(B)
+    pair.flush(B)
+    pair.deliver(B)  # the new B's HELLO ends A's session
+    pair.handshake()
+    pair.pump()
+    assert pair.a.stats.protocol_errors == 0 and pair.b.stats.protocol_errors == 0
+    if sent:
+        assert [e.stream_id for e in pair.of(A, ev.StreamRejected)] == [sid]
+        assert pair.b.streams == {}
+    else:
+        key = peer_id(sid)
+        assert pair.of(B, ev.StreamRequested) == [ev.StreamRequested(key, "svc")]
+        assert pair.received(B, key) == b"request" and pair.of(B, ev.EndOfData)
