@@ -120,7 +120,7 @@ def session_config(config: DaemonConfig) -> SessionConfig:
         send_high_water=config.stream_buffer,
         max_pending=config.max_pending,
         max_service_name=config.max_service_name,
-        open_ok_delay=OPEN_OK_DELAY,
+        open_ok_delay=min(OPEN_OK_DELAY, config.connect_timeout / 2),
     )
 
 
