@@ -40,7 +40,8 @@ def spec_frame(ftype: int, stream: int, payload: bytes, seq: int, flags: int = 0
     return body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
 
 
-HELLO_PAYLOAD = struct.pack(">QQIIIII", SESSION_ID, 0, 16384, 262144, 1024, 0, 64 << 20)
+# capabilities 0x02: EARLY_DATA, as a default Session offers it.
+HELLO_PAYLOAD = struct.pack(">QQIIIII", SESSION_ID, 0, 16384, 262144, 1024, 0x02, 64 << 20)
 PING_PAYLOAD = (1).to_bytes(8, "big")
 LINK_EPOCH = (0x11223344).to_bytes(4, "big")
 
@@ -59,9 +60,9 @@ GOLDEN: list[tuple[str, int, int, bytes, int, int, str]] = [
         "00004000"
         "00040000"
         "00000400"
-        "00000000"
+        "00000002"
         "04000000"
-        "11876e9c",
+        "6b473dfc",
     ),
     ("PING", 0x02, 0, PING_PAYLOAD, 1, 0, "a55c010200010000000000083c330000000000000001921e7e7a"),
     ("PONG", 0x03, 0, PING_PAYLOAD, 2, 0, "a55c010300020000000000080f920000000000000001667d0a32"),
@@ -143,9 +144,9 @@ GOLDEN: list[tuple[str, int, int, bytes, int, int, str]] = [
         "00004000"
         "00040000"
         "00000400"
-        "00000000"
+        "00000002"
         "04000000"
-        "0f933156",
+        "75536236",
     ),
 ]
 
@@ -239,7 +240,7 @@ def test_session_emits_frames_in_the_spec_layout() -> None:
     assert encode_frame(FrameType.HELLO, 0, hello.payload, hello.seq, hello.flags) == spec_frame(
         0x01,
         0,
-        struct.pack(">QQIIIII", sid, peer.session_id, 16384, 262144, 1024, 0, 64 << 20),
+        struct.pack(">QQIIIII", sid, peer.session_id, 16384, 262144, 1024, 0x02, 64 << 20),
         1,
         0,
     )

@@ -360,8 +360,7 @@ def test_stream_opens_and_carries_bytes_both_ways_exactly(world: World, logs: Lo
     assert local.transport.value() == b""
     target = Local(*world.endpoint.attempts[0].succeed(world.clock))
     world.pipe.pump()
-    assert logs.find("A: stream 0x1 opened: service=echo peer=127.0.0.1:50000 (oforward)")
-    assert logs.find("B: stream", "opened: service=echo", "(iforward)")
+    assert logs.find("opened") == []  # one line per stream, when it ends
 
     up = blob(700_000)
     down = blob(500_000)
@@ -395,6 +394,92 @@ def test_data_sent_before_the_open_completes_is_kept(world: World) -> None:
     assert local.received() == b"answer"
 
 
+def test_early_data_waits_at_the_far_side_for_the_connect_and_goes_out_at_once(
+    world: World,
+) -> None:
+    """Both sides offer EARLY_DATA: the client's bytes and EOF cross the channel
+    behind the OPEN and wait at B while its connect is under way."""
+    local = world.accept()
+    local.send(b"GET / ")
+    local.send(b"HTTP/1.0")
+    local.protocol.readConnectionLost()
+    world.pipe.pump()
+    [stream] = world.b.session.streams.values()
+    assert stream.bytes_received == 14 and stream.eof_received  # before any OPEN_OK
+    attempt = world.endpoint.attempts[0]
+    protocol = attempt.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 7))
+    transport = RecordingTransport(world.clock, port=7)
+    attach(protocol, transport)  # connectionMade: delivered there and then
+    assert transport.value() == b"GET / HTTP/1.0" and transport.write_closes == 1
+    attempt.deferred.callback(protocol)
+    world.pipe.pump()
+    assert world.b._early == {}
+    protocol.dataReceived(b"200")
+    protocol.readConnectionLost()
+    world.pipe.pump()
+    assert local.received() == b"200"
+    assert local.transport.clean and transport.clean
+
+
+def test_an_eof_goes_at_the_end_of_the_reactor_turn_with_what_else_is_written(
+    world: World,
+) -> None:
+    """A client that closes and connects again at once: one channel write
+    carries the old stream's EOF and the new stream's OPEN."""
+    from virtproxy.frames import FrameDecoder, FrameType
+
+    local, target = world.open()
+    local.protocol.readConnectionLost()
+    assert world.pipe.ta.value() == b""  # not yet
+    protocol = world.listener.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50001))
+    attach(protocol, RecordingTransport(world.clock, port=50001))
+    frames = FrameDecoder(1 << 20).feed(world.pipe.ta.value())
+    assert [f.type for f in frames] == [FrameType.OPEN, FrameType.EOF]
+    world.pipe.pump()
+    assert target.transport.write_closes == 1
+    assert len(world.endpoint.attempts) == 2
+
+
+def test_an_open_ok_waits_for_the_reply_or_its_timer() -> None:
+    w = make_world(open_ok_delay=0.005)
+    local = w.accept()
+    local.send(b"ping")
+    w.pipe.pump()
+    target = Local(*w.endpoint.attempts[0].succeed(w.clock))
+    w.pipe.pump()
+    assert target.received() == b"ping"
+    [stream] = w.a.session.streams.values()
+    assert stream.state.name == "OPENING"  # the OPEN_OK waits
+    target.send(b"pong")
+    w.pipe.pump()
+    assert local.received() == b"pong" and stream.state.name == "OPEN"
+    # Without a reply, the channel's timer sends it.
+    second = w.accept(port=50001)
+    w.pipe.pump()
+    Local(*w.endpoint.attempts[1].succeed(w.clock))
+    w.pipe.pump()
+    [opening] = [s for s in w.a.session.streams.values() if s.key == second.protocol.stream_id]
+    assert opening.state.name == "OPENING"
+    w.pipe.advance(0.01, step=0.002)
+    assert opening.state.name == "OPEN"
+
+
+def test_early_data_of_a_failed_connect_is_dropped_and_the_client_reset(
+    world: World, logs: Logs
+) -> None:
+    local = world.accept()
+    local.send(b"x" * 5000)
+    local.protocol.readConnectionLost()
+    world.pipe.pump()
+    assert world.b._early
+    world.endpoint.attempts[0].fail(ConnectionRefusedError("nobody home"))
+    world.pipe.pump()
+    assert local.transport.aborts == 1 and not local.transport.clean
+    assert world.b._early == {} and world.b.session.streams == {}
+    assert world.a.session.streams == {}
+    assert world.a.session.stats.protocol_errors == world.b.session.stats.protocol_errors == 0
+
+
 def test_half_close_then_reply_then_clean_close(world: World, logs: Logs) -> None:
     local, target = world.open()
     local.send(b"request")
@@ -419,8 +504,14 @@ def test_half_close_then_reply_then_clean_close(world: World, logs: Logs) -> Non
     assert local.transport.write_closes == 1
     assert local.transport.clean and target.transport.clean
     assert local.transport.lost and target.transport.lost
-    assert logs.find("A: stream 0x1 closed", "in=7 out=300000: closed cleanly")
-    assert logs.find("B: stream", "in=300000 out=7: closed cleanly")
+    assert logs.find(
+        "A: stream 0x1 closed: service=echo peer=127.0.0.1:50000 (oforward) ",
+        "s in=7 out=300000: closed cleanly",
+    )
+    assert logs.find(
+        "B: stream", "closed: service=echo peer=127.0.0.1:7 (iforward) ", "in=300000 out=7"
+    )
+    assert len(logs.find("stream")) == 2
     assert logs.find("closed", level=LogLevel.warn) == []
     assert world.a.session.streams == {} and world.b.session.streams == {}
 

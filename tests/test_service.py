@@ -192,6 +192,9 @@ def test_session_config_follows_the_daemon_config() -> None:
     assert (session.max_frame, session.window, session.max_streams) == (1024, 1024, 7)
     assert (session.keepalive_interval, session.keepalive_timeout) == (1.5, 4.0)
     assert session.open_timeout == 2.0
+    assert session.early_data and session.open_ok_delay == 0.005
+    # A tiny connect timeout still makes a valid config: the OPEN_OK waits less.
+    assert session_config(listen_config(connect_timeout=0.002)).open_ok_delay == 0.001
 
 
 # --------------------------------------------------------------------------- failed listens

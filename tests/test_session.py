@@ -762,7 +762,7 @@ def test_bad_window_frames_reset_the_stream(payload: bytes) -> None:
 
 
 def test_data_before_open_ok_and_after_eof_are_protocol_errors() -> None:
-    session, peer = raw_session()
+    session, peer = raw_session(SessionConfig(early_data=False))
     session.receive_data(peer.frame(FrameType.OPEN, OPENER_BIT | 1, b"svc"), 0.0)
     session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"early"), 0.0)
     events = session.take_events()
@@ -822,7 +822,7 @@ def test_control_frames_go_before_data() -> None:
 
 
 def test_send_high_water_and_writable() -> None:
-    pair = up_pair(SessionConfig(send_high_water=1000))
+    pair = up_pair(SessionConfig(send_high_water=1000), SessionConfig(early_data=False))
     sa = pair.a.open_stream("svc", 0.0)
     assert pair.a.send(sa, b"a" * 999) is True
     assert pair.a.send(sa, b"a") is False  # queued while still opening
@@ -1261,6 +1261,8 @@ SM_CONFIG = SessionConfig(
     hello_interval=1.0,
     open_timeout=10.0,
     send_high_water=2048,
+    # OPEN_OKs wait for company (or a tick) now and then, as in the daemon.
+    open_ok_delay=0.5,
 )
 MAX_OPENS = 14
 #: Control frames one side may have queued unsent.  Each step adds a few per
@@ -1835,3 +1837,227 @@ def test_a_repeated_hello_and_data_run_is_not_taken_twice() -> None:
     assert pair.received(B, b_id) == b"once"  # not "onceonce"
     # The repeated DATA then fails the sequence check: a loss, as the spec says.
     assert pair.b.stats.stale_frames == 1 and pair.b.stats.lost_frames > 0
+
+
+def test_early_data_follows_the_open_and_is_taken_before_open_ok() -> None:
+    """Both sides offer EARLY_DATA: the opener's first bytes and EOF go right
+    behind its OPEN; the acceptor takes them before its OPEN_OK."""
+    pair = SessionPair()
+    pair.handshake()
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.a.send(sid, b"GET /")
+    pair.a.send_eof(sid)
+    out = split_frames(pair.a.data_to_send())
+    assert [f.type for f in out] == [FrameType.OPEN, FrameType.DATA, FrameType.EOF]
+    pair.b.receive_data(b"".join(encode(f) for f in out), pair.now)
+    pair.collect()
+    key = peer_id(sid)
+    assert pair.of(B, ev.StreamRequested) == [ev.StreamRequested(key, "svc")]
+    assert pair.received(B, key) == b"GET /" and pair.of(B, ev.EndOfData)
+    pair.b.accept(key)
+    pair.b.consumed(key, 5)
+    pair.b.send(key, b"200")
+    pair.b.send_eof(key)
+    pair.pump()
+    assert pair.received(A, sid) == b"200"
+    assert pair.of(A, ev.StreamClosed) and pair.of(B, ev.StreamClosed)
+
+
+def test_no_early_data_to_a_peer_that_does_not_offer_it() -> None:
+    pair = SessionPair(SessionConfig(), SessionConfig(early_data=False))
+    pair.handshake()
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.a.send(sid, b"hello")
+    assert [f.type for f in split_frames(pair.a.data_to_send())] == [FrameType.OPEN]
+
+
+def test_early_data_of_a_refused_open_is_dropped() -> None:
+    pair = SessionPair()
+    pair.handshake()
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.a.send(sid, b"x" * 1000)
+    pair.flush(A)
+    pair.deliver(A)
+    pair.b.reject(peer_id(sid), Reason.REFUSED, "no")
+    pair.pump()
+    assert [e.reason for e in pair.of(A, ev.StreamRejected)] == [Reason.REFUSED]
+    assert pair.b.streams == {} and pair.b.stats.protocol_errors == 0
+
+
+def test_early_data_of_an_open_refused_at_once_is_dropped_up_to_the_window() -> None:
+    """An OPEN refused on arrival (a limit) may have early DATA right behind it:
+    dropped quietly up to the window our HELLO granted, a protocol error past it."""
+    session, peer = raw_session(SessionConfig(max_frame=1024, window=2048, max_streams=1))
+    raw_open(session, peer, 1)
+    session.receive_data(peer.frame(FrameType.OPEN, OPENER_BIT | 2, b"svc"), 0.0)
+    for _ in range(2):
+        session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 2, b"e" * 1024), 0.0)
+    session.receive_data(peer.frame(FrameType.EOF, OPENER_BIT | 2), 0.0)
+    assert session.take_events() == []
+    assert [(f.type, f.stream) for f in peer.read(session)] == [(FrameType.OPEN_FAIL, 2)]
+    assert session.stats.protocol_errors == 0 and session.is_up
+    session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 2, b"X"), 0.0)
+    assert session.stats.protocol_errors == 1
+    [reply] = peer.read(session)
+    assert (reply.type, reply.stream, reply.payload[0]) == (FrameType.RESET, 2, Reason.PROTOCOL)
+
+
+def test_early_data_of_a_stream_rejected_after_its_connect_failed_is_dropped() -> None:
+    session, peer = raw_session(SessionConfig(max_frame=1024, window=2048))
+    session.receive_data(peer.frame(FrameType.OPEN, OPENER_BIT | 1, b"svc"), 0.0)
+    session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"e" * 1000), 0.0)
+    assert [type(e) for e in session.take_events()] == [ev.StreamRequested, ev.DataReceived]
+    session.reject(OPENER_BIT | 1, Reason.REFUSED, "connection refused")
+    # The rest of the window was in flight: quietly dropped; one byte more is not.
+    for size in (1024, 24):
+        session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"e" * size), 0.0)
+    assert session.stats.protocol_errors == 0
+    session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"e"), 0.0)
+    assert session.stats.protocol_errors == 1
+    assert session.take_events() == [] and session.is_up
+
+
+def test_early_data_beyond_the_window_is_a_protocol_error() -> None:
+    session, peer = raw_session(SessionConfig(max_frame=1024, window=2048))
+    session.receive_data(peer.frame(FrameType.OPEN, OPENER_BIT | 1, b"svc"), 0.0)
+    for _ in range(2):
+        session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"e" * 1024), 0.0)
+    session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"X"), 0.0)
+    events = session.take_events()
+    assert (type(events[-1]), events[-1].reason) == (ev.StreamReset, Reason.PROTOCOL)
+    assert session.streams == {} and session.stats.protocol_errors == 1
+
+
+def test_early_data_taken_before_open_ok_is_granted_back_behind_it() -> None:
+    """The local socket may take early data before the owner accepts: that
+    credit comes back in a WINDOW right after the OPEN_OK."""
+    session, peer = raw_session(SessionConfig(max_frame=1024, window=2048))
+    session.receive_data(peer.frame(FrameType.OPEN, OPENER_BIT | 1, b"svc"), 0.0)
+    session.receive_data(peer.frame(FrameType.DATA, OPENER_BIT | 1, b"e" * 1024), 0.0)
+    session.take_events()
+    session.consumed(OPENER_BIT | 1, 1024)
+    assert peer.read(session) == []  # no WINDOW before the OPEN_OK
+    session.accept(OPENER_BIT | 1)
+    frames = peer.read(session)
+    assert [(f.type, f.stream) for f in frames] == [(FrameType.OPEN_OK, 1), (FrameType.WINDOW, 1)]
+    assert frames[1].payload == (1024).to_bytes(4, "big")
+
+
+def test_an_open_sent_when_a_slot_frees_mid_write_keeps_its_data_behind_it() -> None:
+    """A stream closing while the session writes frees a slot for a pending open:
+    that open's early DATA and EOF must not overtake its OPEN."""
+    pair = up_pair(SessionConfig(), SessionConfig(max_streams=1))
+    first = pair.a.open_stream("svc", pair.now)
+    pair.pump()
+    pair.b.accept(peer_id(first))
+    pair.b.send_eof(peer_id(first))
+    pair.pump()
+    second = pair.a.open_stream("svc", pair.now)  # waits for the one slot
+    pair.a.send(second, b"hello")
+    pair.a.send_eof(second)
+    pair.a.send_eof(first)  # closes the first stream inside data_to_send
+    pair.pump()
+    wire = second ^ OPENER_BIT
+    mine = [FrameType(f.type) for f in pair.sent_frames[A] if f.stream == wire]
+    assert mine == [FrameType.OPEN, FrameType.DATA, FrameType.EOF]
+    assert pair.b.stats.protocol_errors == 0
+    assert pair.received(B, peer_id(second)) == b"hello"
+
+
+def test_early_data_of_an_unsent_open_waits_for_the_next_session() -> None:
+    """An OPEN still queued when the session ends goes back to pending with its
+    data and EOF, and all of it is sent once a new session is up."""
+    pair = up_pair()
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.a.send(sid, b"later")
+    pair.a.send_eof(sid)
+    pair.disconnect()
+    pair.connect()
+    pair.handshake()
+    pair.pump()
+    key = peer_id(sid)
+    assert pair.of(B, ev.StreamRequested) == [ev.StreamRequested(key, "svc")]
+    assert pair.received(B, key) == b"later" and pair.of(B, ev.EndOfData)
+
+
+def test_an_open_ok_to_an_early_sender_waits_for_the_first_reply() -> None:
+    """With open_ok_delay, the acceptor's OPEN_OK goes in one write with its
+    first DATA; no data ever waits for it."""
+    config = SessionConfig(open_ok_delay=0.005)
+    pair = up_pair(config, config)
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.a.send(sid, b"GET /")
+    pair.pump()
+    key = peer_id(sid)
+    pair.b.accept(key, pair.now)
+    assert not pair.b.has_data_to_send() and pair.b.data_to_send(now=pair.now) == b""
+    assert pair.b.next_deadline() == pytest.approx(pair.now + 0.005)
+    pair.b.send(key, b"200 OK")
+    out = split_frames(pair.b.data_to_send(now=pair.now))
+    assert [(f.type, f.payload) for f in out] == [
+        (FrameType.OPEN_OK, b""),
+        (FrameType.DATA, b"200 OK"),
+    ]
+    assert not pair.b.has_data_to_send()
+
+
+def test_a_waiting_open_ok_goes_alone_once_its_delay_passed() -> None:
+    config = SessionConfig(open_ok_delay=0.005)
+    pair = up_pair(config, config)
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.pump()
+    pair.b.accept(peer_id(sid), pair.now)
+    pair.pump()
+    assert not pair.of(A, ev.StreamAccepted)
+    pair.tick(pair.now + 0.005)
+    assert pair.b.has_data_to_send()
+    pair.pump()
+    assert pair.of(A, ev.StreamAccepted) == [ev.StreamAccepted(sid)]
+
+
+def test_any_other_control_frame_takes_a_waiting_open_ok_along() -> None:
+    config = SessionConfig(open_ok_delay=0.005)
+    pair = up_pair(config, config)
+    first = pair.a.open_stream("svc", pair.now)
+    second = pair.a.open_stream("svc", pair.now)
+    pair.pump()
+    pair.b.accept(peer_id(first), pair.now)
+    pair.b.accept(peer_id(second), pair.now)  # waits too
+    assert not pair.b.has_data_to_send()
+    pair.b.reset(peer_id(second), Reason.ABORTED)
+    out = split_frames(pair.b.data_to_send(now=pair.now))
+    assert [f.type for f in out] == [FrameType.OPEN_OK, FrameType.OPEN_OK, FrameType.RESET]
+
+
+def test_an_open_ok_to_a_peer_without_early_data_goes_at_once() -> None:
+    pair = up_pair(SessionConfig(early_data=False), SessionConfig(open_ok_delay=0.005))
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.pump()
+    pair.b.accept(peer_id(sid), pair.now)
+    assert [f.type for f in split_frames(pair.b.data_to_send())] == [FrameType.OPEN_OK]
+
+
+@pytest.mark.parametrize("sent", [False, True])
+def test_early_data_reaching_a_restarted_peer_is_no_protocol_error(sent: bool) -> None:
+    """A opens a stream with early data and EOF while B restarts: what A had
+    sent is stale at the new B, what it had not sent goes once the new session
+    is up; nobody counts a protocol error."""
+    pair = up_pair()
+    sid = pair.a.open_stream("svc", pair.now)
+    pair.a.send(sid, b"request")
+    pair.a.send_eof(sid)
+    if sent:
+        pair.flush(A)  # OPEN, DATA, EOF on the wire towards the old B
+    pair.replace(B)
+    pair.flush(B)
+    pair.deliver(B)  # the new B's HELLO ends A's session
+    pair.handshake()
+    pair.pump()
+    assert pair.a.stats.protocol_errors == 0 and pair.b.stats.protocol_errors == 0
+    if sent:
+        assert [e.stream_id for e in pair.of(A, ev.StreamRejected)] == [sid]
+        assert pair.b.streams == {}
+    else:
+        key = peer_id(sid)
+        assert pair.of(B, ev.StreamRequested) == [ev.StreamRequested(key, "svc")]
+        assert pair.received(B, key) == b"request" and pair.of(B, ev.EndOfData)

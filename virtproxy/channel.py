@@ -9,7 +9,7 @@ process; nothing here is global.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -110,8 +110,11 @@ class Channel:
         self._timer: IDelayedCall | None = None
         self._pumping = False
         self._again = False
+        self._pump_soon: IDelayedCall | None = None
         self._closing = False
         self._counters_logged: dict[str, int] = {}
+        #: Peer data for streams whose local connect is under way (early data).
+        self._early: dict[int, list[bytes | None]] = {}
         self._counters_logged_at = 0.0
 
     # -------------------------------------------------------------- channel side
@@ -180,11 +183,15 @@ class Channel:
         self.pump()
         return ended
 
-    def open_stream(self, service: str, local: StreamEnd) -> int:
-        stream_id = self.session.open_stream(service, self.reactor.seconds())
-        self.opened_at[stream_id] = self.reactor.seconds()
+    def open_stream(self, service: str, local: StreamEnd, flush: bool = True) -> int:
+        """Open a stream for ``local``; ``flush=False``: the caller pumps soon
+        (so the OPEN can go in one write with the first data)."""
+        now = self.reactor.seconds()
+        stream_id = self.session.open_stream(service, now)
+        self.opened_at[stream_id] = now
         self._locals[stream_id] = local
-        self.pump()
+        if flush:
+            self.pump()
         return stream_id
 
     def send(self, stream_id: int, data: bytes) -> bool:
@@ -213,7 +220,15 @@ class Channel:
             self.protocol.set_read_size(self.reads.channel_size(now))
 
     def send_eof(self, stream_id: int) -> None:
+        """EOF follows the queued data, at the end of this reactor turn: a
+        short connection's EOF then often shares a write with the next
+        connection's OPEN (the client closed and connected again at once)."""
         self.session.send_eof(stream_id)
+        if self._pump_soon is None:
+            self._pump_soon = self.reactor.callLater(0, self._pump_now)
+
+    def _pump_now(self) -> None:
+        self._pump_soon = None
         self.pump()
 
     def consumed(self, stream_id: int, count: int) -> None:
@@ -237,7 +252,18 @@ class Channel:
         if self.session.stream_info(stream_id) is None:
             return False
         self._locals[stream_id] = local
-        self.session.accept(stream_id)
+        self.session.accept(stream_id, self.reactor.seconds())
+        early = self._early.pop(stream_id, None)
+        if early is not None:
+            # What the peer sent right behind its OPEN goes out at once, in one write.
+            eof = early[-1] is None
+            pieces: list[Payload] = [item for item in early if item is not None]
+            if len(pieces) > MAX_PIECES:
+                pieces = [b"".join(pieces)]
+            if pieces:
+                local.deliver(pieces[0] if len(pieces) == 1 else pieces)
+            if eof:
+                local.end_of_data()
         self.pump()
         return True
 
@@ -352,12 +378,16 @@ class Channel:
                     now = self.reactor.seconds()
                     self.reads.delivered(len(event.data), now)
                     self._size_channel_reads(now)
+            else:
+                self._hold_early(stream_id, [event.data] if pieces is None else pieces)
 
     def _dispatch(self, event: ev.Event) -> None:
         if isinstance(event, ev.DataReceived):
             local = self._locals.get(event.stream_id)
             if local is not None:
                 local.deliver(event.data)
+            else:
+                self._hold_early(event.stream_id, [event.data])
         elif isinstance(event, ev.StreamWritable):
             local = self._locals.get(event.stream_id)
             if local is not None:
@@ -366,6 +396,8 @@ class Channel:
             local = self._locals.get(event.stream_id)
             if local is not None:
                 local.end_of_data()
+            else:
+                self._hold_early(event.stream_id, [None])
         elif isinstance(event, ev.StreamClosed):
             self.opened_at.pop(event.stream_id, None)
             local = self._locals.pop(event.stream_id, None)
@@ -410,6 +442,7 @@ class Channel:
                     transport.abortConnection()  # type: ignore[attr-defined]
 
     def _abort_stream(self, stream_id: int, reason: int, message: str, by_peer: bool) -> None:
+        self._early.pop(stream_id, None)
         self.opened_at.pop(stream_id, None)
         connecting = self._connecting.pop(stream_id, None)
         if connecting is not None:
@@ -436,8 +469,12 @@ class Channel:
             self.opened_at.pop(stream_id, None)
             return
         from virtproxy.factories import ProxyClientFactory
+        from virtproxy.localio import connect_direct
 
-        deferred: Deferred[Any] = endpoint.connect(ProxyClientFactory(self, stream_id, service))
+        factory = ProxyClientFactory(self, stream_id, service)
+        deferred: Deferred[Any] | None = connect_direct(endpoint, factory)
+        if deferred is None:
+            deferred = endpoint.connect(factory)
         if not deferred.called:  # an endpoint may connect (or fail) synchronously
             self._connecting[stream_id] = deferred
         deferred.addErrback(self._connect_failed, stream_id, service)
@@ -460,7 +497,21 @@ class Channel:
             return
         self.connected(stream_id, handler)
 
+    def _hold_early(self, stream_id: int, items: Sequence[Payload | None]) -> None:
+        """Data (or EOF, None: always last) that came right behind the peer's
+        OPEN, while our connect is under way.  The session bounds it by the
+        window our HELLO granted each stream; the bytes count as delivered
+        (credit) only once the local socket took them.
+
+        Held as copies: a payload may be a view into a whole channel read,
+        which a few bytes of early data must not keep alive.
+        """
+        if self.session.stream_info(stream_id) is not None:
+            held = self._early.setdefault(stream_id, [])
+            held.extend(None if item is None else bytes(item) for item in items)
+
     def _connect_failed(self, failure: Failure, stream_id: int, service: str) -> None:
+        self._early.pop(stream_id, None)
         self._connecting.pop(stream_id, None)
         self.opened_at.pop(stream_id, None)
         if failure.check(ConnectingCancelledError) or self.session.stream_info(stream_id) is None:

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from virtproxy.channel import Channel
 from virtproxy.frames import Payload, describe_reason
+from virtproxy.localio import lose_connection_now, lose_write_now, read_now
 from virtproxy.pacing import LOCAL_READ_SIZE
 from virtproxy.protocol import VPChannelProtocol, describe_address, write_now
 
@@ -53,12 +54,14 @@ class ProxyProtocol(Protocol):
         self._last_read = 0  # bytes of the previous local read (0: none yet)
         self._read_done = False  # the local socket sent EOF
         self._write_done = False  # we shut down its write side (peer EOF)
+        self.started_at = 0.0
 
     # -------------------------------------------------------------- local socket
 
     def connectionMade(self) -> None:
         transport = self.transport
         assert transport is not None
+        self.started_at = self.channel.reactor.seconds()
         handle = getattr(transport, "socket", None)
         if isinstance(handle, socket.socket) and handle.family in (
             socket.AF_INET,
@@ -109,14 +112,17 @@ class ProxyProtocol(Protocol):
             self.failed = True
             self.channel.local_lost(self.stream_id, reason.getErrorMessage())
         if self.stream_id and self.end_reason:
+            # The stream's one log line: who, what, how much, how long, how it ended.
             log = self.log.warn if self.failed else self.log.info
             log(
-                "{label}: stream {id:#x} closed: service={service} peer={peer} "
-                "in={bytes_in} out={bytes_out}: {why}",
+                "{label}: stream {id:#x} closed: service={service} peer={peer} ({role}) "
+                "{seconds:.3f}s in={bytes_in} out={bytes_out}: {why}",
                 label=self.channel.label,
                 id=self.stream_id,
                 service=self.service,
                 peer=self.describe_peer(),
+                role=self.role,
+                seconds=max(0.0, self.channel.reactor.seconds() - self.started_at),
                 bytes_in=self.bytes_in,
                 bytes_out=self.bytes_out,
                 why=self.end_reason,
@@ -172,17 +178,10 @@ class ProxyProtocol(Protocol):
             # No more peer data, so no more credit to withhold; and Twisted does
             # not shut down a write side while a producer is registered on it.
             self._release_transport()
-            self.transport.loseWriteConnection()  # type: ignore[attr-defined]
+            lose_write_now(self.transport)
 
     def stream_opened(self) -> None:
-        self.log.info(
-            "{label}: stream {id:#x} opened: service={service} peer={peer} ({role})",
-            label=self.channel.label,
-            id=self.stream_id,
-            service=self.service,
-            peer=self.describe_peer(),
-            role=self.role,
-        )
+        """The peer accepted (or we connected): logged once, when the stream ends."""
 
     def stream_closed(self) -> None:
         """EOF both ways: a clean end; the transport closes once its buffer is out."""
@@ -190,7 +189,7 @@ class ProxyProtocol(Protocol):
         self.end_reason = "closed cleanly"
         if self.transport is not None:
             self._release_transport()
-            self.transport.loseConnection()
+            lose_connection_now(self.transport)
 
     def stream_reset(self, why: str) -> None:
         """The stream died of a failure: abort, so the client sees a reset, not an EOF."""
@@ -216,7 +215,14 @@ class ProxyServerProtocol(ProxyProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         self._live = True
-        self.stream_id = self.channel.open_stream(self.service, self)
+        self.stream_id = self.channel.open_stream(self.service, self, flush=False)
+        # A client often sends at once (a request): its first bytes may be
+        # here already, and then go over the channel in one write with the OPEN.
+        data = read_now(self.transport)
+        if data:
+            self.dataReceived(data)
+        else:
+            self.channel.pump()
 
 
 class ProxyServerFactory(Factory):
@@ -250,8 +256,6 @@ class ProxyClientProtocol(ProxyProtocol):
             self.end_reason = "the stream ended while connecting"
             assert self.transport is not None
             self.transport.abortConnection()  # type: ignore[attr-defined]
-            return
-        self.stream_opened()
 
 
 class ProxyClientFactory(Factory):

@@ -45,6 +45,8 @@ FLAG_HEADER_CRC = 0x02
 #: HELLO capability: "my channel is a kernel-checksummed socket; I accept
 #: FLAG_HEADER_CRC DATA frames".
 CAP_HEADER_CRC = 0x01
+#: HELLO capability: "I accept DATA and EOF right after OPEN, before my OPEN_OK".
+CAP_EARLY_DATA = 0x02
 
 #: Bit 31 of a stream id on the wire: set when the frame's sender opened the stream.
 OPENER_BIT = 0x80000000

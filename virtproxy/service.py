@@ -99,6 +99,10 @@ def _where(port: Any) -> str:
     return describe_address(address, unnamed=str(address))
 
 
+#: An OPEN_OK may wait this long for the stream's first reply (SessionConfig.open_ok_delay).
+OPEN_OK_DELAY = 0.005
+
+
 def session_config(config: DaemonConfig) -> SessionConfig:
     max_frame = config.max_frame or default_max_frame(config.channel.kind)
     return SessionConfig(
@@ -116,6 +120,7 @@ def session_config(config: DaemonConfig) -> SessionConfig:
         send_high_water=config.stream_buffer,
         max_pending=config.max_pending,
         max_service_name=config.max_service_name,
+        open_ok_delay=min(OPEN_OK_DELAY, config.connect_timeout / 2),
     )
 
 

@@ -24,6 +24,7 @@ from heapq import heappop, heappush
 
 from virtproxy import events as ev
 from virtproxy.frames import (
+    CAP_EARLY_DATA,
     CAP_HEADER_CRC,
     FLAG_HEADER_CRC,
     LINK_FRAME_TYPES,
@@ -69,7 +70,9 @@ MAX_SERVICE_NAME = 64
 MAX_MESSAGE = 200
 _SERVICE_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
-#: Frames the session holds for retransmission-free replay of recent resets.
+#: Streams we ended (or refused) lately, remembered with the DATA credit the
+#: peer may still spend on them: DATA in flight when they ended is dropped
+#: quietly, DATA past that credit is a protocol error.
 _RECENT_RESETS = 4096
 #: Above this many queued control frames the owner should stop reading the
 #: channel: a peer that sends without reading must not grow our memory.
@@ -115,6 +118,13 @@ class SessionConfig:
     #: acknowledged, retransmitted chunks; "auto" does so once the peer does;
     #: "off" never (a peer that insists gets no session).
     link: str = "auto"
+    #: Send a stream's first bytes right behind its OPEN when the peer accepts
+    #: that (a round trip less for every short connection), and accept them.
+    early_data: bool = True
+    #: Seconds an OPEN_OK to a peer that sends early data may wait for company
+    #: (the stream's first DATA, usually a reply): one write instead of two.
+    #: No data waits for it; the opener needs it only to accept our DATA.
+    open_ok_delay: float = 0.0
 
     def __post_init__(self) -> None:
         if not MIN_MAX_FRAME <= self.max_frame <= MAX_PAYLOAD:
@@ -131,6 +141,8 @@ class SessionConfig:
             raise ValueError("max_pending must be positive")
         if not 1 <= self.max_service_name <= MAX_SERVICE_NAME:
             raise ValueError(f"max_service_name must be 1..{MAX_SERVICE_NAME}")
+        if not 0 <= self.open_ok_delay < self.open_timeout:
+            raise ValueError("open_ok_delay must be 0..open_timeout")
         if not 0 < self.keepalive_interval < self.keepalive_timeout:
             raise ValueError("need 0 < keepalive_interval < keepalive_timeout")
         if self.link not in LINK_MODES:
@@ -198,6 +210,9 @@ class Stream:
     bytes_received: int = 0
     #: DATA received and not yet taken by the local socket (session window).
     unconsumed: int = 0
+    #: Data may flow before OPEN_OK (ours: sent behind the OPEN; theirs: taken
+    #: while our local connect is under way).
+    early: bool = False
 
 
 @dataclass
@@ -256,6 +271,10 @@ class Session:
         self._data_flags = 0  # FLAG_HEADER_CRC once both sides offered it
         self._control: deque[tuple[int, int, bytes]] = deque()
         self._hello_queued = False
+        #: The control queue holds only this many OPEN_OKs that may wait (for
+        #: company) until _lazy_until; any other control frame sends them all.
+        self._lazy = 0
+        self._lazy_until = 0.0
         self._ready: deque[Stream] = deque()
         self._pending: deque[int] = deque()
         self._tx_seq = 0
@@ -264,7 +283,7 @@ class Session:
         self._highest_peer_number = 0
         self._peer_opened = 0  # live streams the peer opened
         self._we_opened = 0  # live streams we opened that the peer counts
-        self._recent_resets: OrderedDict[int, None] = OrderedDict()
+        self._recent_resets: OrderedDict[int, int] = OrderedDict()
         self._deadlines: list[tuple[float, int]] = []
         self._last_received = 0.0
         self._last_ping = 0.0
@@ -286,6 +305,7 @@ class Session:
         self._session_credit: int | None = None  # what we may still send
         self._session_recv_credit = self.config.session_window  # what the peer may
         self._session_unacked = 0  # delivered since our last session WINDOW
+        self._peer_early = False  # the peer takes DATA right behind an OPEN
 
     # ------------------------------------------------------------------ owner API
 
@@ -322,6 +342,7 @@ class Session:
         self._end_session(reason, Reason.SESSION_LOST)
         self.state = State.DISCONNECTED
         self._control.clear()
+        self._lazy = 0
         self._hello_queued = False
         self._set_link(None)
 
@@ -361,12 +382,18 @@ class Session:
         self._send_pending_opens()
         return key
 
-    def accept(self, stream_id: int) -> None:
+    def accept(self, stream_id: int, now: float | None = None) -> None:
         """Our local connect for the peer's OPEN succeeded."""
         stream = self.streams.get(stream_id)
         if stream is None or stream.state is not StreamState.ACCEPTING:
             return
         self._control.append((FrameType.OPEN_OK, stream_id ^ OPENER_BIT, b""))
+        delay = self.config.open_ok_delay
+        if delay and stream.early and self._peer_early and self._lazy == len(self._control) - 1:
+            # The opener already sends; our OPEN_OK can ride with our first DATA.
+            if not self._lazy:
+                self._lazy_until = (self._now if now is None else now) + delay
+            self._lazy += 1
         self._now_open(stream)
 
     def reject(self, stream_id: int, reason: int, message: str = "") -> None:
@@ -384,7 +411,7 @@ class Session:
             return stream is not None and not stream.blocked
         stream.queue.append(data)
         stream.queued += len(data)
-        if stream.state is StreamState.OPEN and stream.send_credit > 0:
+        if (stream.state is StreamState.OPEN or stream.early) and stream.send_credit > 0:
             self._mark_ready(stream)
         if stream.queued >= self.config.send_high_water:
             stream.blocked = True
@@ -397,7 +424,7 @@ class Session:
         if stream is None or stream.eof_pending:
             return
         stream.eof_pending = True
-        if stream.state is StreamState.OPEN:
+        if stream.state is StreamState.OPEN or stream.early:
             self._mark_ready(stream)
 
     def reset(self, stream_id: int, reason: int = Reason.ABORTED, message: str = "") -> None:
@@ -417,10 +444,11 @@ class Session:
         taken = min(count, stream.unconsumed)
         stream.unconsumed -= taken
         self._credit_session(taken)
-        if stream.state is not StreamState.OPEN or stream.eof_received:
+        if stream.eof_received or not (stream.state is StreamState.OPEN or stream.early):
             return
         stream.unacked += count
-        if stream.unacked >= self.config.window // 4:
+        # Early data taken before our OPEN_OK is granted back right behind it.
+        if stream.unacked >= self.config.window // 4 and stream.state is StreamState.OPEN:
             self._grant(stream)
 
     def stream_info(self, stream_id: int) -> Stream | None:
@@ -438,6 +466,8 @@ class Session:
             times.append(stall)
         if self._deadlines:
             times.append(self._deadlines[0][0])
+        if self._lazy and self._control:
+            times.append(self._lazy_until)
         if self.link is not None:
             resend = self.link.deadline()
             if resend is not None:
@@ -697,6 +727,7 @@ class Session:
             self._session_credit = session_window
             self._session_recv_credit = self.config.session_window
             self._session_unacked = 0
+            self._peer_early = bool(caps & CAP_EARLY_DATA)
             both = self.config.header_crc and caps & CAP_HEADER_CRC
             self._data_flags = FLAG_HEADER_CRC if both else 0
         if seen == self.session_id and self.state is not State.UP:
@@ -787,6 +818,11 @@ class Session:
         """OPEN_FAIL(LIMIT): a limit of ours, not a fault of the peer's."""
         self.stats.limit_hits += 1
         self._queue_reason(FrameType.OPEN_FAIL, frame.stream ^ OPENER_BIT, Reason.LIMIT, message)
+        self._refused(frame.stream)
+
+    def _refused(self, key: int) -> None:
+        """An OPEN we answered with OPEN_FAIL at once: early data may follow it."""
+        self._remember_ended(key, self.config.window if self.config.early_data else 0)
 
     def _on_open(self, frame: Frame, key: int, now: float) -> None:
         number = key & MAX_STREAM_NUMBER
@@ -807,6 +843,7 @@ class Session:
             self._queue_reason(
                 FrameType.OPEN_FAIL, frame.stream ^ OPENER_BIT, Reason.PROTOCOL, "bad service name"
             )
+            self._refused(key)
             return
         if self._peer_opened >= self.config.max_streams:
             self._refuse_open(frame, "too many streams")
@@ -816,6 +853,9 @@ class Session:
             return
         self._peer_opened += 1
         stream = Stream(key, name.decode("ascii"), ours=False, state=StreamState.ACCEPTING)
+        if self.config.early_data:
+            stream.early = True
+            stream.recv_credit = self.config.window
         self.streams[key] = stream
         self._events.append(ev.StreamRequested(key, stream.service))
 
@@ -824,8 +864,16 @@ class Session:
             self._data_received += len(frame.payload)  # it still crossed the line
             if self._take_session_credit(len(frame.payload)):
                 self._credit_session(len(frame.payload))  # dropped: delivered, as it were
-        if key in self._recent_resets:
-            return  # was in flight when we reset it
+        credit = self._recent_resets.get(key)
+        if credit is not None:
+            # In flight when we ended (or refused) it, early DATA of a refused
+            # OPEN included: dropped, but only up to the credit the peer had.
+            if frame.type == FrameType.DATA:
+                size = len(frame.payload)
+                if size > credit:
+                    self._protocol_error(frame, "DATA beyond the granted window")
+                self._recent_resets[key] = max(0, credit - size)
+            return
         number = key & MAX_STREAM_NUMBER
         known_range = self._highest_peer_number if key & OPENER_BIT else self._next_number - 1
         if number and number <= known_range:
@@ -850,7 +898,11 @@ class Session:
     def _on_data(self, frame: Frame, stream: Stream) -> None:
         size = len(frame.payload)
         self._data_received += size
-        if stream.state is not StreamState.OPEN or stream.eof_received or not size:
+        if (
+            not (stream.state is StreamState.OPEN or (stream.early and not stream.ours))
+            or stream.eof_received
+            or not size
+        ):
             self._stream_protocol_error(stream, "DATA in the wrong state")
             return
         if size > stream.recv_credit:
@@ -875,7 +927,8 @@ class Session:
         self._mark_ready(stream)
 
     def _on_eof(self, frame: Frame, stream: Stream) -> None:
-        if stream.state is not StreamState.OPEN or stream.eof_received:
+        open_enough = stream.state is StreamState.OPEN or (stream.early and not stream.ours)
+        if not open_enough or stream.eof_received:
             self._stream_protocol_error(stream, "EOF in the wrong state")
             return
         stream.eof_received = True
@@ -907,7 +960,21 @@ class Session:
         return self._has_frames()
 
     def _has_frames(self) -> bool:
-        return bool(self._hello_queued or self._control or (self.state is State.UP and self._ready))
+        return bool(
+            self._hello_queued
+            or (self._control and not (self._lazy and self._control_waits(self._now)))
+            or (self.state is State.UP and self._ready)
+        )
+
+    def _control_waits(self, now: float) -> bool:
+        """Only OPEN_OKs that may wait for company are queued, and nothing
+        else is to go with them before ``_lazy_until``."""
+        return (
+            len(self._control) <= self._lazy
+            and now < self._lazy_until
+            and not self._hello_queued
+            and not (self.state is State.UP and self._ready)
+        )
 
     def data_to_send(
         self, limit: int = 256 * 1024, frame_limit: int = MAX_PAYLOAD, now: float | None = None
@@ -953,6 +1020,9 @@ class Session:
         self, limit: int, frame_limit: int, now: float | None
     ) -> tuple[list[bytes | memoryview], int]:
         """The session's own frames (pieces, and their size), as :meth:`data_to_send` describes."""
+        if self._lazy and self._control_waits(self._now if now is None else now):
+            return [], 0
+        self._lazy = 0  # whatever else goes, the waiting OPEN_OKs go first
         out: list[bytes | memoryview] = []
         size = 0
         control = self._control
@@ -971,7 +1041,8 @@ class Session:
                 self.config.max_frame,
                 self.config.window,
                 self.config.max_streams,
-                CAP_HEADER_CRC if self.config.header_crc else 0,
+                (CAP_HEADER_CRC if self.config.header_crc else 0)
+                | (CAP_EARLY_DATA if self.config.early_data else 0),
             ) + _HELLO_SESSION_WINDOW.pack(self.config.session_window)
             flags = 0 if self.state is State.UP else HELLO_ANSWER
             size += encode_into(out, FrameType.HELLO, 0, payload, self._hellos_sent & 0xFF, flags)
@@ -984,6 +1055,8 @@ class Session:
             size += encode_into(out, ftype, stream_id, payload, seq)
             seq = (seq + 1) & 0xFF
             frames += 1
+            if ftype == FrameType.OPEN and self._peer_early:
+                self._open_sent(stream_id ^ OPENER_BIT)
         if self.state is State.UP:
             ready = self._ready
             max_frame = max(1, min(self.peer_max_frame, frame_limit))
@@ -997,9 +1070,9 @@ class Session:
             while ready and size < limit:
                 stream = ready.popleft()
                 stream.ready = False
-                if (
-                    self.streams.get(stream.key) is not stream
-                    or stream.state is not StreamState.OPEN
+                if self.streams.get(stream.key) is not stream or not (
+                    stream.state is StreamState.OPEN
+                    or (stream.early and stream.state is StreamState.OPENING)
                 ):
                     continue
                 wire_id = stream.key ^ OPENER_BIT
@@ -1160,6 +1233,8 @@ class Session:
             stream = self.streams.get(key)
             if stream is not None and stream.state is StreamState.OPENING:
                 stream.state = StreamState.PENDING
+                stream.early = False
+                stream.send_credit = 0
                 self._we_opened = max(0, self._we_opened - 1)
                 self._pending.appendleft(key)
         for stream in list(self.streams.values()):
@@ -1170,9 +1245,12 @@ class Session:
                 self._events.append(ev.StreamRejected(stream.key, code, reason))
             else:
                 self._events.append(ev.StreamReset(stream.key, code, reason, False))
+        for stream in self._ready:
+            stream.ready = False  # a pending open's early data waits for the next session
         self._ready.clear()
         # Drop queued frames that belong to the old session; keep a GOAWAY.
         self._control = deque(item for item in self._control if item[0] == FrameType.GOAWAY)
+        self._lazy = 0
         if was_up:
             self._events.append(ev.SessionEnded(self.peer_session, reason, silent))
         self.peer_session = 0
@@ -1195,11 +1273,38 @@ class Session:
                 )
             )
 
+    def _open_sent(self, key: int) -> None:
+        """Our OPEN just went out to a peer that takes early data: the peer's
+        window applies from here on, so the stream's first bytes (and EOF) follow
+        the OPEN without waiting a round trip for OPEN_OK.
+
+        Not before the OPEN is on its way: DATA must never overtake its OPEN.
+        """
+        stream = self.streams.get(key)
+        if (
+            stream is None
+            or stream.state is not StreamState.OPENING
+            or stream.early
+            or not self.config.early_data
+        ):
+            return
+        stream.early = True
+        stream.send_credit = self.peer_window
+        self._mark_ready(stream)
+
     def _now_open(self, stream: Stream) -> None:
         """OPEN_OK sent or received: both windows start, queued data may flow."""
+        early = stream.early
         stream.state = StreamState.OPEN
-        stream.send_credit = self.peer_window
-        stream.recv_credit = self.config.window
+        stream.early = False
+        # An early stream got one window at the OPEN: the opener's credit to
+        # send, the acceptor's credit to receive.  The other starts now.
+        if not early or not stream.ours:
+            stream.send_credit = self.peer_window
+        if not early or stream.ours:
+            stream.recv_credit = self.config.window
+        elif stream.unacked >= self.config.window // 4:
+            self._grant(stream)  # early data the local socket took already
         self._mark_ready(stream)
 
     def _queue_reason(self, ftype: int, wire_id: int, reason: int, message: str) -> None:
@@ -1237,9 +1342,13 @@ class Session:
         else:
             self._peer_opened = max(0, self._peer_opened - 1)
         if stream.state is not StreamState.PENDING:
-            self._recent_resets[stream.key] = None
-            if len(self._recent_resets) > _RECENT_RESETS:
-                self._recent_resets.popitem(last=False)
+            if stream.eof_received:
+                credit = 0
+            elif stream.ours and stream.state is StreamState.OPENING:
+                credit = self.config.window  # it may accept, unaware, and send
+            else:
+                credit = stream.recv_credit
+            self._remember_ended(stream.key, credit)
         stream.queue.clear()
         stream.queued = 0
         if stream.unconsumed:
@@ -1250,6 +1359,11 @@ class Session:
         if stream.ours and stream.state is not StreamState.PENDING:
             self._send_pending_opens()
 
+    def _remember_ended(self, key: int, credit: int) -> None:
+        self._recent_resets[key] = credit
+        if len(self._recent_resets) > _RECENT_RESETS:
+            self._recent_resets.popitem(last=False)
+
     def _protocol_error(self, frame: Frame, why: str) -> None:
         self.stats.protocol_errors += 1
         if frame.type != FrameType.RESET and frame.stream:
@@ -1258,6 +1372,9 @@ class Session:
     def _stream_protocol_error(self, stream: Stream, why: str) -> None:
         self.stats.protocol_errors += 1
         self.reset(stream.key, Reason.PROTOCOL, why)
+        if stream.key in self._recent_resets:
+            # One RESET(PROTOCOL) says it all: what follows in flight is ignored.
+            self._recent_resets[stream.key] = MAX_WINDOW
         self._events.append(
             ev.StreamReset(stream.key, Reason.PROTOCOL, f"peer error: {why}", False)
         )

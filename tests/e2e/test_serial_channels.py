@@ -339,9 +339,11 @@ class GatedReplyServer(Backend):
         self.payload = payload
         self.gate = threading.Event()
         self.close_gate = threading.Event()
+        self.connected = threading.Event()
         super().__init__(None)
 
     def serve(self, conn):
+        self.connected.set()
         if not self.gate.wait(SOCK_TIMEOUT):
             return
         conn.sendall(self.payload)
@@ -363,7 +365,7 @@ def test_reply_then_close_larger_than_window(relays, daemons, backends, host_kin
     srv = backends(GatedReplyServer, payload)
     wport, eport = free_port(), free_port()
     echo = backends(EchoServer)
-    p = start_pair(
+    start_pair(
         daemons,
         relay,
         host_kind,
@@ -376,7 +378,7 @@ def test_reply_then_close_larger_than_window(relays, daemons, backends, host_kin
     s.settimeout(5)
     s.connect((LOOPBACK, wport))
     try:
-        p.guest.wait_line(r"opened", r"service=web")
+        assert srv.connected.wait(SOCK_TIMEOUT), "the guest never connected to the server"
         srv.gate.set()
         time.sleep(3.0)  # the reply crosses until the host withholds credit
         srv.close_gate.set()  # the server's EOF reaches the guest's stream, out of credit
