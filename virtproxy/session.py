@@ -436,20 +436,25 @@ class Session:
             self._queue_reason(FrameType.RESET, stream_id ^ OPENER_BIT, reason, message)
         self._drop(stream)
 
-    def consumed(self, stream_id: int, count: int) -> None:
-        """The local socket really took ``count`` bytes of this stream: grant credit."""
+    def consumed(self, stream_id: int, count: int) -> bool:
+        """The local socket really took ``count`` bytes of this stream: grant credit.
+
+        True if that queued a WINDOW frame (mostly it only counts bytes, and
+        the owner need not look for output).
+        """
         stream = self.streams.get(stream_id)
         if stream is None:
-            return
+            return False
+        queued = len(self._control)
         taken = min(count, stream.unconsumed)
         stream.unconsumed -= taken
         self._credit_session(taken)
-        if stream.eof_received or not (stream.state is StreamState.OPEN or stream.early):
-            return
-        stream.unacked += count
-        # Early data taken before our OPEN_OK is granted back right behind it.
-        if stream.unacked >= self.config.window // 4 and stream.state is StreamState.OPEN:
-            self._grant(stream)
+        if not stream.eof_received and (stream.state is StreamState.OPEN or stream.early):
+            stream.unacked += count
+            # Early data taken before our OPEN_OK is granted back right behind it.
+            if stream.unacked >= self.config.window // 4 and stream.state is StreamState.OPEN:
+                self._grant(stream)
+        return len(self._control) != queued
 
     def stream_info(self, stream_id: int) -> Stream | None:
         return self.streams.get(stream_id)
