@@ -188,6 +188,15 @@ class StreamState(Enum):
     OPEN = auto()
 
 
+# Bound once for the per-frame paths: an enum attribute lookup costs several
+# times a global's.
+_UP = State.UP
+_OPEN = StreamState.OPEN
+_OPENING = StreamState.OPENING
+_HELLO_TYPE = int(FrameType.HELLO)
+_DATA_TYPE = int(FrameType.DATA)
+
+
 @dataclass(eq=False)
 class Stream:
     key: int
@@ -642,7 +651,7 @@ class Session:
 
     def _on_frame(self, frame: Frame, now: float) -> None:
         ftype = frame.type
-        if ftype == FrameType.HELLO:
+        if ftype == _HELLO_TYPE:
             if self._duplicate_hello(frame):
                 self.stats.stale_frames += 1
                 return
@@ -650,7 +659,7 @@ class Session:
             self._data_received = 0
             self._on_hello(frame, now)
             return
-        if self.state is not State.UP:
+        if self.state is not _UP:
             self.stats.stale_frames += 1
             return
         if frame.seq != self._rx_seq:
@@ -659,7 +668,15 @@ class Session:
             return
         self._rx_seq = (self._rx_seq + 1) & 0xFF
         self._last_received = now
-        if frame.flags and (frame.flags != FLAG_HEADER_CRC or ftype != FrameType.DATA):
+        if ftype == _DATA_TYPE and not frame.flags & ~FLAG_HEADER_CRC:
+            # The common case first, without the dispatch below.
+            stream = self.streams.get(frame.stream)
+            if stream is None:
+                self._on_unknown_stream(frame, frame.stream)
+            else:
+                self._on_data(frame, stream)
+            return
+        if frame.flags:
             self._protocol_error(frame, "unknown flags")
             return
         handler = _HANDLERS.get(ftype)
@@ -904,7 +921,7 @@ class Session:
         size = len(frame.payload)
         self._data_received += size
         if (
-            not (stream.state is StreamState.OPEN or (stream.early and not stream.ours))
+            not (stream.state is _OPEN or (stream.early and not stream.ours))
             or stream.eof_received
             or not size
         ):
