@@ -194,6 +194,7 @@ _UP = State.UP
 _OPEN = StreamState.OPEN
 _OPENING = StreamState.OPENING
 _HELLO_TYPE = int(FrameType.HELLO)
+_NEVER = float("inf")
 _DATA_TYPE = int(FrameType.DATA)
 
 
@@ -471,27 +472,35 @@ class Session:
     # ------------------------------------------------------------------ time
 
     def next_deadline(self) -> float | None:
-        """The earliest time at which :meth:`tick` has something to do."""
-        times: list[float] = []
-        if self._probe_at is not None and self.state is State.UP:
-            times.append(self._probe_at + PROBE_TIMEOUT)
-        stall = self._decoder.stall_deadline()
-        if stall is not None and self.state is not State.DISCONNECTED:
-            times.append(stall)
-        if self._deadlines:
-            times.append(self._deadlines[0][0])
-        if self._lazy and self._control:
-            times.append(self._lazy_until)
+        """The earliest time at which :meth:`tick` has something to do.
+
+        The owner asks after every batch of work, so this keeps to plain
+        comparisons (no list, no ``min`` of one).
+        """
+        state = self.state
+        at = _NEVER
+        if state is _UP:
+            config = self.config
+            received = self._last_received
+            at = max(received, self._last_ping) + config.keepalive_interval
+            at = min(at, received + config.keepalive_timeout)
+            if self._probe_at is not None:
+                at = min(at, self._probe_at + PROBE_TIMEOUT)
+        elif state is State.HANDSHAKING:
+            at = self._next_hello
+        if state is not State.DISCONNECTED:
+            stall = self._decoder.stall_deadline()
+            if stall is not None and stall < at:
+                at = stall
+        if self._deadlines and self._deadlines[0][0] < at:
+            at = self._deadlines[0][0]
+        if self._lazy and self._control and self._lazy_until < at:
+            at = self._lazy_until
         if self.link is not None:
             resend = self.link.deadline()
-            if resend is not None:
-                times.append(resend)
-        if self.state is State.HANDSHAKING:
-            times.append(self._next_hello)
-        elif self.state is State.UP:
-            times.append(max(self._last_received, self._last_ping) + self.config.keepalive_interval)
-            times.append(self._last_received + self.config.keepalive_timeout)
-        return min(times) if times else None
+            if resend is not None and resend < at:
+                at = resend
+        return None if at == _NEVER else at
 
     def tick(self, now: float) -> None:
         """Run timers due at ``now``: open timeouts, HELLO resends, keepalive,
@@ -985,7 +994,7 @@ class Session:
         return bool(
             self._hello_queued
             or (self._control and not (self._lazy and self._control_waits(self._now)))
-            or (self.state is State.UP and self._ready)
+            or (self.state is _UP and self._ready)
         )
 
     def _control_waits(self, now: float) -> bool:
@@ -1079,7 +1088,7 @@ class Session:
             frames += 1
             if ftype == FrameType.OPEN and self._peer_early:
                 self._open_sent(stream_id ^ OPENER_BIT)
-        if self.state is State.UP:
+        if self.state is _UP:
             ready = self._ready
             max_frame = max(1, min(self.peer_max_frame, frame_limit))
             data_flags = self._data_flags
@@ -1093,8 +1102,7 @@ class Session:
                 stream = ready.popleft()
                 stream.ready = False
                 if self.streams.get(stream.key) is not stream or not (
-                    stream.state is StreamState.OPEN
-                    or (stream.early and stream.state is StreamState.OPENING)
+                    stream.state is _OPEN or (stream.early and stream.state is _OPENING)
                 ):
                     continue
                 wire_id = stream.key ^ OPENER_BIT
@@ -1116,7 +1124,7 @@ class Session:
                         session_credit -= len(chunk)
                     if budget > 0:
                         budget = max(0, budget - len(chunk))
-                    size += encode_into(out, FrameType.DATA, wire_id, chunk, seq, data_flags)
+                    size += encode_into(out, _DATA_TYPE, wire_id, chunk, seq, data_flags)
                     seq = (seq + 1) & 0xFF
                     frames += 1
                 if not stream.queued and stream.eof_pending and not stream.eof_sent:
