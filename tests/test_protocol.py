@@ -1083,3 +1083,38 @@ def test_small_payloads_are_delivered_before_the_bulk_decoded_with_them() -> Non
     ]
     in_order = [ev.DataReceived(3, key), ev.DataReceived(1, bulk1)]
     assert small_data_first(in_order) is in_order
+
+
+# --------------------------------------------------------------------------- timer
+
+
+def test_the_timer_stays_put_while_traffic_moves_the_deadline_later(world: World) -> None:
+    """Every frame received moves the keepalive deadline a little later; the
+    timer set for the earlier one is kept (it fires early and is set again),
+    not cancelled and made anew on every pump."""
+    local, target = world.open()
+    world.pipe.advance(2.0)  # past the handshake's timers: the keepalive's is next
+    timer = world.a._timer
+    assert timer is not None and timer.active()
+    made = len(world.clock.getDelayedCalls())
+    for _ in range(20):
+        world.clock.advance(0.0002)
+        local.send(b"x")
+        world.pipe.pump()
+        target.send(b"y")
+        world.pipe.pump()
+    assert world.a._timer is timer and timer.active()
+    assert len(world.clock.getDelayedCalls()) == made
+    assert local.received() == b"y" * 20 and target.received() == b"x" * 20
+    deadline = world.a.session.next_deadline()
+    assert deadline is not None and timer.getTime() < deadline  # it fires early, as said
+
+
+def test_changed_counters_are_logged_by_the_timer(logs: Logs) -> None:
+    w = make_world(keepalive_interval=1.0, keepalive_timeout=3.0)
+    w.open()
+    w.a.session.stats.limit_hits += 1
+    w.pipe.advance(59.0)
+    assert not logs.find("A: counters:")
+    w.pipe.advance(2.0)
+    assert logs.find("A: counters: limit_hits=1")

@@ -108,6 +108,8 @@ class Channel:
         self.reads = ReadSizer()
         self._connecting: dict[int, Deferred[Any]] = {}
         self._timer: IDelayedCall | None = None
+        #: The deadline ``_timer`` was set for (kept here: asking the DelayedCall costs calls).
+        self._timer_at = 0.0
         self._pumping = False
         self._again = False
         self._pump_soon: IDelayedCall | None = None
@@ -159,7 +161,7 @@ class Channel:
             # A transport does not close while a producer is registered on it.
             self.protocol.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.protocol.transport.loseConnection()
-        if self._timer is not None and self._timer.active():
+        if self._timer is not None:
             self._timer.cancel()
         self._timer = None
 
@@ -232,8 +234,9 @@ class Channel:
         self.pump()
 
     def consumed(self, stream_id: int, count: int) -> None:
-        self.session.consumed(stream_id, count)
-        self.pump()
+        # Mostly this only counts bytes: pump only for a WINDOW to send.
+        if self.session.consumed(stream_id, count):
+            self.pump()
 
     def local_lost(self, stream_id: int, why: str) -> None:
         """A local socket is gone; a stream still live on it is reset."""
@@ -279,45 +282,55 @@ class Channel:
             self._again = True
             return
         self._pumping = True
+        session = self.session
         try:
             self._again = True
             while self._again:
                 self._again = False
-                self._dispatch_all(self.session.take_events())
+                if session.has_events:
+                    self._dispatch_all(session.take_events())
                 self._flush()
+            protocol = self.protocol
+            if protocol is not None and protocol.transport is not None:
+                protocol.set_reading(not session.input_paused)
             self._schedule_timer()
-            if self.reactor.seconds() - self._counters_logged_at >= COUNTER_LOG_INTERVAL:
-                self.log_counters()
         finally:
             self._pumping = False
 
     def _flush(self) -> None:
         protocol = self.protocol
         session = self.session
-        if protocol is None or protocol.transport is None:
+        if protocol is None or protocol.paused or protocol.transport is None:
             return
-        if not protocol.paused and session.has_data_to_send():
+        if session.has_data_to_send():
             chunk = protocol.pacer.chunk
             data = session.pieces_to_send(chunk, chunk, self.reactor.seconds())
             protocol.wrote(data)
             # Go round again for events, and for more data if the kernel took
             # all of this at once (the transport will not ask for it).
-            if session.has_events or (data and not protocol.paused):
+            if session.has_events or (data and not protocol.paused and session.has_data_to_send()):
                 self._again = True
-        protocol.set_reading(not session.input_paused)
 
     def _schedule_timer(self) -> None:
+        """Keep one timer at or before the session's next deadline.
+
+        A deadline that moved later (the usual case: keepalive times move
+        with every frame received) leaves the timer alone; it fires early,
+        ticks for nothing and is set again.
+        """
         deadline = self.session.next_deadline()
+        timer = self._timer
         if deadline is None or self._closing:
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+            if timer is not None:
+                self._timer = None
+                timer.cancel()
             return
-        if self._timer is not None and self._timer.active():
-            if self._timer.getTime() <= deadline:
+        if timer is not None:
+            if self._timer_at <= deadline:
                 return
-            self._timer.cancel()
+            timer.cancel()
         delay = max(0.0, deadline - self.reactor.seconds())
+        self._timer_at = deadline
         self._timer = self.reactor.callLater(delay + 0.001, self._on_timer)
 
     def log_counters(self) -> None:
@@ -336,9 +349,18 @@ class Channel:
         )
 
     def _on_timer(self) -> None:
+        """The session's next deadline came (or one that has since moved later).
+
+        Counters are checked here, not on every pump: with a session up the
+        timer comes at least every keepalive interval, and a session's end
+        logs them anyway.
+        """
         self._timer = None
-        self.session.tick(self.reactor.seconds())
+        now = self.reactor.seconds()
+        self.session.tick(now)
         self.pump()
+        if now - self._counters_logged_at >= COUNTER_LOG_INTERVAL:
+            self.log_counters()
 
     def _dispatch_all(self, events: list[ev.Event]) -> None:
         """Dispatch events in order; consecutive data of one stream is written at once.

@@ -59,8 +59,11 @@ class StreamRejected:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataReceived:
+    """Peer data for a stream (not frozen, unlike the rarer events: one is
+    made per DATA frame, and a frozen dataclass is slower to construct)."""
+
     stream_id: int
     #: A view into the bytes read from the channel, where the frame lay whole in one read.
     data: bytes | memoryview

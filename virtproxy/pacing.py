@@ -53,15 +53,12 @@ class WritePacer:
         self._bytes = 0
 
     def wrote(self, count: int, now: float) -> None:
-        """``count`` bytes were handed to the transport."""
+        """``count`` bytes were handed to the transport, which holds some of
+        them (a write the kernel took whole starts no cycle: it says nothing
+        about the rate)."""
         if self._cycle_start is None:
             self._cycle_start = now
         self._cycle_bytes += count
-
-    def discard_cycle(self) -> None:
-        """The transport took the write at once: it says nothing about the rate."""
-        self._cycle_start = None
-        self._cycle_bytes = 0
 
     def drained(self, now: float) -> None:
         """The transport's buffer emptied (it asked for more)."""

@@ -179,20 +179,18 @@ class VPChannelProtocol(Protocol):
         if not size:
             return  # an empty write never drains, so it would never resume us
         pacer = self.pacer
-        now = self.channel.reactor.seconds()
-        pacer.wrote(size, now)
         if pacer.chunk < pacer.maximum and size >= pacer.chunk // 2:
             # A full chunk on a slow (or not yet measured) channel goes through
             # Twisted, and its drain time is what sizes the next one.
+            pacer.wrote(size, self.channel.reactor.seconds())
             self.paused = True
             self.transport.write(b"".join(data))
             return
         if write_now(self.transport, data):
             self.paused = True  # the transport resumes us once it drained the rest
-        else:
-            # The kernel took it at once: no wait, and no sample for the pacer
-            # (a short write would not have given one anyway).
-            pacer.discard_cycle()
+            pacer.wrote(size, self.channel.reactor.seconds())
+        # else the kernel took it at once: no wait, and no sample for the pacer
+        # (a short write would not have given one anyway), so no clock read.
 
     def pauseProducing(self) -> None:
         self.paused = True

@@ -188,6 +188,16 @@ class StreamState(Enum):
     OPEN = auto()
 
 
+# Bound once for the per-frame paths: an enum attribute lookup costs several
+# times a global's.
+_UP = State.UP
+_OPEN = StreamState.OPEN
+_OPENING = StreamState.OPENING
+_HELLO_TYPE = int(FrameType.HELLO)
+_NEVER = float("inf")
+_DATA_TYPE = int(FrameType.DATA)
+
+
 @dataclass(eq=False)
 class Stream:
     key: int
@@ -436,20 +446,25 @@ class Session:
             self._queue_reason(FrameType.RESET, stream_id ^ OPENER_BIT, reason, message)
         self._drop(stream)
 
-    def consumed(self, stream_id: int, count: int) -> None:
-        """The local socket really took ``count`` bytes of this stream: grant credit."""
+    def consumed(self, stream_id: int, count: int) -> bool:
+        """The local socket really took ``count`` bytes of this stream: grant credit.
+
+        True if that queued a WINDOW frame (mostly it only counts bytes, and
+        the owner need not look for output).
+        """
         stream = self.streams.get(stream_id)
         if stream is None:
-            return
+            return False
+        queued = len(self._control)
         taken = min(count, stream.unconsumed)
         stream.unconsumed -= taken
         self._credit_session(taken)
-        if stream.eof_received or not (stream.state is StreamState.OPEN or stream.early):
-            return
-        stream.unacked += count
-        # Early data taken before our OPEN_OK is granted back right behind it.
-        if stream.unacked >= self.config.window // 4 and stream.state is StreamState.OPEN:
-            self._grant(stream)
+        if not stream.eof_received and (stream.state is StreamState.OPEN or stream.early):
+            stream.unacked += count
+            # Early data taken before our OPEN_OK is granted back right behind it.
+            if stream.unacked >= self.config.window // 4 and stream.state is StreamState.OPEN:
+                self._grant(stream)
+        return len(self._control) != queued
 
     def stream_info(self, stream_id: int) -> Stream | None:
         return self.streams.get(stream_id)
@@ -457,27 +472,35 @@ class Session:
     # ------------------------------------------------------------------ time
 
     def next_deadline(self) -> float | None:
-        """The earliest time at which :meth:`tick` has something to do."""
-        times: list[float] = []
-        if self._probe_at is not None and self.state is State.UP:
-            times.append(self._probe_at + PROBE_TIMEOUT)
-        stall = self._decoder.stall_deadline()
-        if stall is not None and self.state is not State.DISCONNECTED:
-            times.append(stall)
-        if self._deadlines:
-            times.append(self._deadlines[0][0])
-        if self._lazy and self._control:
-            times.append(self._lazy_until)
+        """The earliest time at which :meth:`tick` has something to do.
+
+        The owner asks after every batch of work, so this keeps to plain
+        comparisons (no list, no ``min`` of one).
+        """
+        state = self.state
+        at = _NEVER
+        if state is _UP:
+            config = self.config
+            received = self._last_received
+            at = max(received, self._last_ping) + config.keepalive_interval
+            at = min(at, received + config.keepalive_timeout)
+            if self._probe_at is not None:
+                at = min(at, self._probe_at + PROBE_TIMEOUT)
+        elif state is State.HANDSHAKING:
+            at = self._next_hello
+        if state is not State.DISCONNECTED:
+            stall = self._decoder.stall_deadline()
+            if stall is not None and stall < at:
+                at = stall
+        if self._deadlines and self._deadlines[0][0] < at:
+            at = self._deadlines[0][0]
+        if self._lazy and self._control and self._lazy_until < at:
+            at = self._lazy_until
         if self.link is not None:
             resend = self.link.deadline()
-            if resend is not None:
-                times.append(resend)
-        if self.state is State.HANDSHAKING:
-            times.append(self._next_hello)
-        elif self.state is State.UP:
-            times.append(max(self._last_received, self._last_ping) + self.config.keepalive_interval)
-            times.append(self._last_received + self.config.keepalive_timeout)
-        return min(times) if times else None
+            if resend is not None and resend < at:
+                at = resend
+        return None if at == _NEVER else at
 
     def tick(self, now: float) -> None:
         """Run timers due at ``now``: open timeouts, HELLO resends, keepalive,
@@ -637,7 +660,7 @@ class Session:
 
     def _on_frame(self, frame: Frame, now: float) -> None:
         ftype = frame.type
-        if ftype == FrameType.HELLO:
+        if ftype == _HELLO_TYPE:
             if self._duplicate_hello(frame):
                 self.stats.stale_frames += 1
                 return
@@ -645,7 +668,7 @@ class Session:
             self._data_received = 0
             self._on_hello(frame, now)
             return
-        if self.state is not State.UP:
+        if self.state is not _UP:
             self.stats.stale_frames += 1
             return
         if frame.seq != self._rx_seq:
@@ -654,7 +677,15 @@ class Session:
             return
         self._rx_seq = (self._rx_seq + 1) & 0xFF
         self._last_received = now
-        if frame.flags and (frame.flags != FLAG_HEADER_CRC or ftype != FrameType.DATA):
+        if ftype == _DATA_TYPE and not frame.flags & ~FLAG_HEADER_CRC:
+            # The common case first, without the dispatch below.
+            stream = self.streams.get(frame.stream)
+            if stream is None:
+                self._on_unknown_stream(frame, frame.stream)
+            else:
+                self._on_data(frame, stream)
+            return
+        if frame.flags:
             self._protocol_error(frame, "unknown flags")
             return
         handler = _HANDLERS.get(ftype)
@@ -899,7 +930,7 @@ class Session:
         size = len(frame.payload)
         self._data_received += size
         if (
-            not (stream.state is StreamState.OPEN or (stream.early and not stream.ours))
+            not (stream.state is _OPEN or (stream.early and not stream.ours))
             or stream.eof_received
             or not size
         ):
@@ -963,7 +994,7 @@ class Session:
         return bool(
             self._hello_queued
             or (self._control and not (self._lazy and self._control_waits(self._now)))
-            or (self.state is State.UP and self._ready)
+            or (self.state is _UP and self._ready)
         )
 
     def _control_waits(self, now: float) -> bool:
@@ -1057,7 +1088,7 @@ class Session:
             frames += 1
             if ftype == FrameType.OPEN and self._peer_early:
                 self._open_sent(stream_id ^ OPENER_BIT)
-        if self.state is State.UP:
+        if self.state is _UP:
             ready = self._ready
             max_frame = max(1, min(self.peer_max_frame, frame_limit))
             data_flags = self._data_flags
@@ -1071,8 +1102,7 @@ class Session:
                 stream = ready.popleft()
                 stream.ready = False
                 if self.streams.get(stream.key) is not stream or not (
-                    stream.state is StreamState.OPEN
-                    or (stream.early and stream.state is StreamState.OPENING)
+                    stream.state is _OPEN or (stream.early and stream.state is _OPENING)
                 ):
                     continue
                 wire_id = stream.key ^ OPENER_BIT
@@ -1094,7 +1124,7 @@ class Session:
                         session_credit -= len(chunk)
                     if budget > 0:
                         budget = max(0, budget - len(chunk))
-                    size += encode_into(out, FrameType.DATA, wire_id, chunk, seq, data_flags)
+                    size += encode_into(out, _DATA_TYPE, wire_id, chunk, seq, data_flags)
                     seq = (seq + 1) & 0xFF
                     frames += 1
                 if not stream.queued and stream.eof_pending and not stream.eof_sent:
