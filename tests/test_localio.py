@@ -428,3 +428,17 @@ async def test_connect_now_completes_after_waiting(full_listener: Any) -> None:
     finally:
         for sock in accepted:
             sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_now_dropped_by_the_reactor_fails_once(full_listener: Any) -> None:
+    from twisted.internet.error import ConnectionLost
+
+    d, waiting = start_waiting(full_listener[0], timeout=5)
+    errors: list[Failure] = []
+    d.addErrback(errors.append)
+    waiting.connectionLost(Failure(ConnectionLost()))  # e.g. the reactor shutting down
+    waiting.connectionLost(Failure(ConnectionLost()))  # again: nothing more happens
+    assert len(errors) == 1 and errors[0].check(ConnectionLost)
+    assert waiting not in real_reactor().getWriters()
+    assert waiting.handle.fileno() == -1

@@ -335,6 +335,8 @@ class _Connecting:
 
     def connectionLost(self, reason: Failure) -> None:
         # The reactor dropped us (an error event, or its shutdown).
+        if self.deferred.called:
+            return
         err = self.handle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self._fail(getConnectError((err, strerror(err))) if err else reason)
 
