@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from virtproxy import events as ev
 from virtproxy.frames import Payload, Reason, describe_reason
+from virtproxy.localio import connect_direct
 from virtproxy.pacing import INTERACTIVE_READ, ReadSizer
 from virtproxy.session import Session, SessionConfig
 
@@ -490,10 +491,7 @@ class Channel:
             self.session.reject(stream_id, Reason.NO_SERVICE, f"no service {service!r}")
             self.opened_at.pop(stream_id, None)
             return
-        from virtproxy.factories import ProxyClientFactory
-        from virtproxy.localio import connect_direct
-
-        factory = ProxyClientFactory(self, stream_id, service)
+        factory = (_client_factory or _load_client_factory())(self, stream_id, service)
         deferred: Deferred[Any] | None = connect_direct(endpoint, factory)
         if deferred is None:
             deferred = endpoint.connect(factory)
@@ -549,6 +547,19 @@ class Channel:
         )
         self.session.reject(stream_id, code, why)
         self.pump()
+
+
+#: ProxyClientFactory (virtproxy.factories imports this module): bound on first
+#: use, not imported again for every stream.
+_client_factory: Any = None
+
+
+def _load_client_factory() -> Any:
+    global _client_factory
+    from virtproxy.factories import ProxyClientFactory
+
+    _client_factory = ProxyClientFactory
+    return ProxyClientFactory
 
 
 def small_data_first(events: list[ev.Event]) -> list[ev.Event]:
