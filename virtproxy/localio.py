@@ -45,9 +45,9 @@ from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 
 
-def _idle_socket(transport: Any) -> socket.socket | None:
+def writable_socket(transport: Any) -> socket.socket | None:
     """The socket of a plain, connected socket transport with nothing buffered
-    and no close under way (else None)."""
+    and no close under way (else None): one we may write to ourselves."""
     handle = getattr(transport, "socket", None)
     if (
         not isinstance(transport, tcp.Connection)
@@ -60,10 +60,14 @@ def _idle_socket(transport: Any) -> socket.socket | None:
         or transport._tempDataLen
         or len(transport.dataBuffer) > transport.offset
         or getattr(transport, "_sendmsgQueue", None)
-        or transport.producer is not None
     ):
         return None
     return handle
+
+
+def _idle_socket(transport: Any) -> socket.socket | None:
+    """:func:`writable_socket`, and no producer registered (one we may shut down)."""
+    return writable_socket(transport) if getattr(transport, "producer", None) is None else None
 
 
 def read_now(transport: Any) -> bytes:

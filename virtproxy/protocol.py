@@ -15,7 +15,6 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import tcp
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -23,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from virtproxy.frames import Payload
+from virtproxy.localio import writable_socket
 from virtproxy.pacing import CHANNEL_READ_SIZE, WritePacer
 
 if TYPE_CHECKING:
@@ -60,19 +60,8 @@ def write_now(transport: object, data: Payload | list[Payload]) -> int:
     """
     if isinstance(data, list) and len(data) > MAX_IOV:
         data = b"".join(data)
-    handle = getattr(transport, "socket", None)
-    if (
-        not isinstance(transport, tcp.Connection)
-        or handle is None
-        or not transport.connected
-        or transport.disconnecting
-        or transport._aborting
-        or transport._writeDisconnecting
-        or transport._writeDisconnected
-        or transport._tempDataLen
-        or len(transport.dataBuffer) > transport.offset
-        or getattr(transport, "_sendmsgQueue", None)
-    ):
+    handle = writable_socket(transport)
+    if handle is None:
         return _write_later(transport, data)
     try:
         sent = handle.sendmsg(data) if isinstance(data, list) else handle.send(data)
@@ -82,9 +71,7 @@ def write_now(transport: object, data: Payload | list[Payload]) -> int:
         # Let Twisted send it and meet the error itself (connectionLost).
         return _write_later(transport, data)
     if not isinstance(data, list):
-        if sent < len(data):
-            transport.write(bytes(data[sent:]))
-        return len(data) - sent
+        return _write_later(transport, data[sent:]) if sent < len(data) else 0
     rest: list[Payload] = []
     for piece in data:
         if sent >= len(piece):
