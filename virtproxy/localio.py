@@ -45,9 +45,9 @@ from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 
 
-def writable_socket(transport: Any) -> socket.socket | None:
-    """The socket of a plain, connected socket transport with nothing buffered
-    and no close under way (else None): one we may write to ourselves."""
+def _open_socket(transport: Any) -> socket.socket | None:
+    """The socket of a plain, connected socket transport (TCP or UNIX) with no
+    close under way (else None)."""
     handle = getattr(transport, "socket", None)
     if (
         not isinstance(transport, tcp.Connection)
@@ -55,6 +55,17 @@ def writable_socket(transport: Any) -> socket.socket | None:
         or not transport.connected
         or transport.disconnecting
         or transport._aborting
+    ):
+        return None
+    return handle
+
+
+def writable_socket(transport: Any) -> socket.socket | None:
+    """:func:`_open_socket`, with nothing buffered and its write side still
+    open (else None): one we may write to ourselves."""
+    handle = _open_socket(transport)
+    if (
+        handle is None
         or transport._writeDisconnecting
         or transport._writeDisconnected
         or transport._tempDataLen
@@ -77,14 +88,8 @@ def read_now(transport: Any) -> bytes:
     A socket error is not (``recv`` consumed it), so the connection is aborted
     as the reactor would have done: the stream fails, it does not end cleanly.
     """
-    handle = getattr(transport, "socket", None)
-    if (
-        not isinstance(transport, tcp.Connection)
-        or not isinstance(handle, socket.socket)
-        or not transport.connected
-        or transport.disconnecting
-        or transport._aborting
-    ):
+    handle = _open_socket(transport)
+    if handle is None:
         return b""
     try:
         return handle.recv(transport.bufferSize)
