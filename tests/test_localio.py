@@ -1,8 +1,7 @@
 """``read_now``, ``lose_write_now`` and ``lose_connection_now``: at once on an
 idle socket transport, else Twisted's own path.
 
-Real socket pairs wrapped in Twisted's tcp.Connection, on a MemoryReactor (so we
-see whether the transport registered itself for writing).
+Real socket pairs wrapped in Twisted's tcp.Connection (tests/transportpair.py).
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
+from transportpair import TransportPair
 from twisted.internet import task, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
@@ -39,56 +39,30 @@ class Recorder(Protocol):
         self.lost.append(reason)
 
 
-class Pair:
-    def __init__(self) -> None:
-        self.near, self.far = socket.socketpair()
-        self.near.setblocking(False)
-        self.far.setblocking(False)
-        self.reactor = MemoryReactorClock()
-        self.protocol = Recorder()
-        self.transport = tcp.Connection(self.near, self.protocol, self.reactor)
-        self.transport.connected = True
-        self.transport.startReading()
-
-    def writing(self) -> bool:
-        return self.transport in self.reactor.getWriters()
-
-    def far_reads(self) -> bytes | None:
-        """What the far end reads now (None: nothing yet, b"": end of file)."""
-        try:
-            return self.far.recv(1 << 20)
-        except BlockingIOError:
-            return None
-
-    def close(self) -> None:
-        self.near.close()
-        self.far.close()
-
-
 @pytest.fixture
-def pair() -> Iterator[Pair]:
-    p = Pair()
+def pair() -> Iterator[TransportPair]:
+    p = TransportPair(Recorder())
     try:
         yield p
     finally:
         p.close()
 
 
-def test_read_now_takes_what_is_waiting(pair: Pair) -> None:
+def test_read_now_takes_what_is_waiting(pair: TransportPair) -> None:
     assert read_now(pair.transport) == b""
     pair.far.sendall(b"GET /")
     assert read_now(pair.transport) == b"GET /"
     assert read_now(pair.transport) == b""
 
 
-def test_read_now_leaves_end_of_file_to_the_reactor(pair: Pair) -> None:
+def test_read_now_leaves_end_of_file_to_the_reactor(pair: TransportPair) -> None:
     pair.far.shutdown(socket.SHUT_WR)
     assert read_now(pair.transport) == b""
     assert pair.near.recv(10) == b""  # still there for Twisted's doRead
     assert not pair.protocol.lost
 
 
-def test_read_now_aborts_on_a_socket_error(pair: Pair) -> None:
+def test_read_now_aborts_on_a_socket_error(pair: TransportPair) -> None:
     """recv consumed the error: the stream must fail, not end cleanly later."""
     pair.near.close()  # recv fails (EBADF), as on a reset connection
     assert read_now(pair.transport) == b""
@@ -102,7 +76,7 @@ def test_read_now_on_other_transports_reads_nothing() -> None:
     assert read_now(StringTransport()) == b""
 
 
-def test_lose_write_now_sends_eof_at_once(pair: Pair) -> None:
+def test_lose_write_now_sends_eof_at_once(pair: TransportPair) -> None:
     lose_write_now(pair.transport)
     assert not pair.writing()
     assert pair.far_reads() == b""
@@ -113,7 +87,7 @@ def test_lose_write_now_sends_eof_at_once(pair: Pair) -> None:
     assert not pair.protocol.lost
 
 
-def test_lose_write_now_waits_for_buffered_bytes(pair: Pair) -> None:
+def test_lose_write_now_waits_for_buffered_bytes(pair: TransportPair) -> None:
     pair.transport.write(b"queued")
     lose_write_now(pair.transport)
     assert pair.writing() and not pair.transport._writeDisconnected
@@ -123,7 +97,7 @@ def test_lose_write_now_waits_for_buffered_bytes(pair: Pair) -> None:
     assert pair.transport._writeDisconnected and pair.far_reads() == b""
 
 
-def test_lose_connection_now_closes_at_once(pair: Pair) -> None:
+def test_lose_connection_now_closes_at_once(pair: TransportPair) -> None:
     lose_connection_now(pair.transport)
     assert pair.far_reads() == b""
     [reason] = pair.protocol.lost
@@ -131,14 +105,14 @@ def test_lose_connection_now_closes_at_once(pair: Pair) -> None:
     assert pair.transport not in pair.reactor.getReaders()
 
 
-def test_lose_connection_now_after_a_half_close(pair: Pair) -> None:
+def test_lose_connection_now_after_a_half_close(pair: TransportPair) -> None:
     lose_write_now(pair.transport)
     lose_connection_now(pair.transport)
     assert pair.far_reads() == b""
     assert len(pair.protocol.lost) == 1
 
 
-def test_lose_connection_now_with_bytes_buffered_is_twisteds_close(pair: Pair) -> None:
+def test_lose_connection_now_with_bytes_buffered_is_twisteds_close(pair: TransportPair) -> None:
     pair.transport.write(b"last words")
     lose_connection_now(pair.transport)
     assert pair.writing() and pair.transport.disconnecting

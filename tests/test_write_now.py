@@ -1,7 +1,6 @@
 """``write_now``: straight to the socket when Twisted holds nothing, else Twisted's path.
 
-Real socket pairs wrapped in Twisted's tcp.Connection, on a MemoryReactor (so we
-see whether the transport registered itself for writing).
+Real socket pairs wrapped in Twisted's tcp.Connection (tests/transportpair.py).
 """
 
 from __future__ import annotations
@@ -10,67 +9,35 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from twisted.internet import tcp
-from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from transportpair import TransportPair
+from twisted.internet.testing import StringTransport
 
 from virtproxy.protocol import write_now
 
 
-class Pair:
-    def __init__(self) -> None:
-        self.near, self.far = socket.socketpair()
-        self.near.setblocking(False)
-        self.far.setblocking(False)
-        self.reactor = MemoryReactorClock()
-        self.transport = tcp.Connection(self.near, Protocol(), self.reactor)
-        self.transport.connected = True
-
-    def writing(self) -> bool:
-        return self.transport in self.reactor.getWriters()
-
-    def drain(self) -> bytes:
-        """Read everything the far end can get, letting Twisted write its buffer."""
-        out = bytearray()
-        while True:
-            if self.writing():
-                self.transport.doWrite()
-            try:
-                data = self.far.recv(1 << 20)
-            except BlockingIOError:
-                if not self.writing():
-                    return bytes(out)
-                continue
-            out += data
-
-    def close(self) -> None:
-        self.near.close()
-        self.far.close()
-
-
 @pytest.fixture
-def pair() -> Iterator[Pair]:
-    p = Pair()
+def pair() -> Iterator[TransportPair]:
+    p = TransportPair()
     try:
         yield p
     finally:
         p.close()
 
 
-def test_idle_socket_gets_the_bytes_at_once(pair: Pair) -> None:
+def test_idle_socket_gets_the_bytes_at_once(pair: TransportPair) -> None:
     assert write_now(pair.transport, b"hello") == 0
     assert not pair.writing(), "registered for writing though nothing is buffered"
     assert pair.far.recv(100) == b"hello"
 
 
-def test_pieces_go_in_one_send_and_in_order(pair: Pair) -> None:
+def test_pieces_go_in_one_send_and_in_order(pair: TransportPair) -> None:
     assert write_now(pair.transport, [b"ab", b"", b"cde", b"f"]) == 0
     assert not pair.writing()
     assert pair.far.recv(100) == b"abcdef"
 
 
 @pytest.mark.parametrize("kind", ["bytes", "pieces", "view", "views"])
-def test_what_the_kernel_refuses_is_buffered_by_twisted(pair: Pair, kind: str) -> None:
+def test_what_the_kernel_refuses_is_buffered_by_twisted(pair: TransportPair, kind: str) -> None:
     """Whatever the form (views of a read included), Twisted gets the rest as bytes."""
     pair.near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     data = bytes(range(256)) * 8192  # 2 MiB: more than the socket pair holds
@@ -90,7 +57,7 @@ def test_what_the_kernel_refuses_is_buffered_by_twisted(pair: Pair, kind: str) -
     assert not pair.writing()
 
 
-def test_socket_error_is_left_to_twisted(pair: Pair) -> None:
+def test_socket_error_is_left_to_twisted(pair: TransportPair) -> None:
     pair.far.close()
     lost = []
     pair.transport.connectionLost = lost.append  # type: ignore[method-assign]
@@ -100,13 +67,13 @@ def test_socket_error_is_left_to_twisted(pair: Pair) -> None:
     assert isinstance(result, Exception)
 
 
-def test_closing_transport_uses_twisted_write(pair: Pair) -> None:
+def test_closing_transport_uses_twisted_write(pair: TransportPair) -> None:
     pair.transport.disconnecting = True
     assert write_now(pair.transport, b"late") == 4
     assert pair.writing()
 
 
-def test_aborted_transport_sends_nothing(pair: Pair) -> None:
+def test_aborted_transport_sends_nothing(pair: TransportPair) -> None:
     pair.transport.abortConnection()
     write_now(pair.transport, b"after abort")
     with pytest.raises(BlockingIOError):
@@ -121,7 +88,7 @@ def test_other_transports_use_their_write() -> None:
     assert transport.value() == b"abcdefgh"
 
 
-def test_more_pieces_than_one_sendmsg_takes_are_joined(pair: Pair) -> None:
+def test_more_pieces_than_one_sendmsg_takes_are_joined(pair: TransportPair) -> None:
     pieces = [bytes([n % 256]) for n in range(3000)]
     assert write_now(pair.transport, pieces) == 0
     assert pair.drain() == b"".join(pieces)
