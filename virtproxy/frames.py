@@ -255,20 +255,21 @@ class FrameDecoder:
             return self._decode(buf, 0, now, copy=True) if buf else []
         results: list[Frame | Damage] = []
         start = 0
+        view = memoryview(data)
         while buf and start < len(data):
             # Top the buffer up with just the bytes its head frame still needs
             # (its header first), then go on in ``data`` itself.
             need = self._head_needs()
             if need <= 0:
                 break  # not a plain partial frame: decode it all from the buffer
-            taken = data[start : start + need]
+            taken = view[start : start + need]
             buf += taken
             start += len(taken)
             results += self._decode(buf, 0, now, copy=True)
         if start >= len(data):
             return results
         if buf:
-            buf += memoryview(data)[start:]
+            buf += view[start:]
             results += self._decode(buf, 0, now, copy=True)
             return results
         results += self._decode(data, start, now, copy=False)
