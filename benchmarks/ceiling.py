@@ -54,45 +54,9 @@ import run as bench_run  # noqa: E402  (run.py's private sshd setup, for the ssh
 PY = sys.executable
 CHAINS = ["blocking", "splice", "framed", "ssh", "twisted", "vp-tcp"]
 
-BLOCKING_RELAY = r"""
-import socket, sys
-listen, onward = int(sys.argv[1]), int(sys.argv[2])
-server = socket.create_server(("127.0.0.1", listen))
-print("ready", flush=True)
-inbound, _ = server.accept()
-outbound = socket.create_connection(("127.0.0.1", onward))
-for s in (inbound, outbound):
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-buf = bytearray(256 * 1024)
-view = memoryview(buf)
-while n := inbound.recv_into(buf):
-    outbound.sendall(view[:n])
-outbound.shutdown(socket.SHUT_WR)
-outbound.recv(1)
-"""
-
-SPLICE_RELAY = r"""
-import fcntl, os, socket, sys
-listen, onward = int(sys.argv[1]), int(sys.argv[2])
-server = socket.create_server(("127.0.0.1", listen))
-print("ready", flush=True)
-inbound, _ = server.accept()
-outbound = socket.create_connection(("127.0.0.1", onward))
-for s in (inbound, outbound):
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-r, w = os.pipe()
-try:
-    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
-except OSError:
-    pass  # the default 64 KiB pipe still works, in smaller steps
-while n := os.splice(inbound.fileno(), w, 1 << 20):
-    while n:
-        n -= os.splice(r, outbound.fileno(), n)
-outbound.shutdown(socket.SHUT_WR)
-outbound.recv(1)
-"""
-
-FRAMED_RELAY = r"""
+#: What every hand-written relay starts with: accept one client, connect onward.
+#: argv: listen port, onward port, role (a or b), frame size.
+RELAY_START = r"""
 import fcntl, os, socket, struct, sys
 listen, onward, role, frame = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 server = socket.create_server(("127.0.0.1", listen))
@@ -102,11 +66,49 @@ outbound = socket.create_connection(("127.0.0.1", onward))
 for s in (inbound, outbound):
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 src, dst = inbound.fileno(), outbound.fileno()
+"""
+
+#: ... and how it ends: EOF onward, then wait for the sink to close.
+RELAY_END = r"""
+outbound.shutdown(socket.SHUT_WR)
+outbound.recv(1)
+"""
+
+#: A pipe for splice(2); the default 64 KiB one still works, in smaller steps.
+PIPE = r"""
 r, w = os.pipe()
 try:
     fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
 except OSError:
     pass
+"""
+
+BLOCKING_RELAY = (
+    RELAY_START
+    + r"""
+buf = bytearray(256 * 1024)
+view = memoryview(buf)
+while n := inbound.recv_into(buf):
+    outbound.sendall(view[:n])
+"""
+    + RELAY_END
+)
+
+SPLICE_RELAY = (
+    RELAY_START
+    + PIPE
+    + r"""
+while n := os.splice(src, w, 1 << 20):
+    while n:
+        n -= os.splice(r, dst, n)
+"""
+    + RELAY_END
+)
+
+FRAMED_RELAY = (
+    RELAY_START
+    + PIPE
+    + r"""
 HEADER = struct.Struct("!10sI")  # 14 bytes, as virtproxy's, with a 32-bit length
 
 
@@ -139,9 +141,9 @@ else:  # frames in, bytes out
             break
         move(HEADER.unpack_from(head, len(head) - HEADER.size)[1])
         wanted = 4 + HEADER.size
-outbound.shutdown(socket.SHUT_WR)
-outbound.recv(1)
 """
+    + RELAY_END
+)
 
 TWISTED_RELAY = r"""
 import sys
