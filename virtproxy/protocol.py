@@ -13,6 +13,7 @@ a virtio-serial port.
 from __future__ import annotations
 
 import socket
+import sys
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IPullProducer
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
 #: megabytes.  Still bounded, so a slow peer backs up into our per-stream
 #: queues, where the scheduler can still put a keystroke first.
 UNIX_SNDBUF = 2 * 1024 * 1024
+#: SO_SNDBUFFORCE: SO_SNDBUF past net.core.wmem_max, for a process with
+#: CAP_NET_ADMIN (Linux only; 208 KiB is a common cap, where SO_SNDBUF alone
+#: would leave the pipe small).  Not in Python's socket module.
+SO_SNDBUFFORCE = 32
 #: Unsent bytes a TCP channel's kernel queue may hold before it stops
 #: reporting writable (TCP_NOTSENT_LOWAT; 25 on Linux).
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
@@ -48,6 +53,18 @@ NOTSENT_LOWAT_MAX = 256 * 1024
 
 #: Most pieces one ``sendmsg`` takes (Linux's IOV_MAX is 1024).
 MAX_IOV = 1024
+
+
+def set_unix_send_buffer(handle: socket.socket) -> None:
+    """Give a UNIX channel socket a UNIX_SNDBUF send buffer, past the host's
+    wmem_max cap where we may (as QEMU's host side often runs, as root)."""
+    if sys.platform.startswith("linux"):
+        try:
+            handle.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, UNIX_SNDBUF)
+            return
+        except OSError:
+            pass  # no CAP_NET_ADMIN: as much as the cap allows
+    handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
 
 
 def write_now(transport: object, data: Payload | list[Payload]) -> int:
@@ -138,7 +155,7 @@ class VPChannelProtocol(Protocol):
                 self._tcp = handle
                 self._set_lowat(NOTSENT_LOWAT_MAX)
             elif handle.family == socket.AF_UNIX:
-                handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
+                set_unix_send_buffer(handle)
         self.set_read_size(CHANNEL_READ_SIZE)
         # A pull producer: the transport asks for the next chunk only when the
         # previous one has drained into the kernel, so Twisted's buffer never
