@@ -9,8 +9,8 @@ relay B -> sink, all on 127.0.0.1), side by side in one run:
     ceiling for any Python relay that copies the bytes through user space.
 ``splice``
     the same, but each relay moves the bytes with ``splice(2)`` through a
-    pipe, never copying them to user space (Linux only): the ceiling for any
-    relay process at all, in any language.
+    pipe, never copying them to user space (Linux only): about the most any
+    relay process can do, in any language.
 ``framed``
     ``splice`` with virtproxy's framing cost: relay A sends an 18-byte frame
     header (and the previous frame's 4-byte trailer) before each payload of up

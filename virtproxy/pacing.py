@@ -21,9 +21,9 @@ from collections import deque
 #: read fills several DATA frames, and the channel writes them in one send.
 LOCAL_READ_SIZE = 256 * 1024
 #: ... and while an interactive stream shares the channel (see ReadSizer).  In
-#: paired benchmark runs the median round trip under a loopback upload was
-#: 1.0-1.5x ssh -L's at 32 KiB and 0.9-1.2x at 16 KiB; meanwhile the upload
-#: ran about a quarter slower (at 8 KiB: 0.9x, but less than half the rate).
+#: interleaved benchmark runs the median round trip under a loopback upload
+#: was 0.97-1.52x ssh -L's at 32 KiB and 0.86-1.18x at 16 KiB, the upload
+#: meanwhile about a quarter slower (8 KiB: 0.76-1.01x at under half the rate).
 SHARED_READ_SIZE = 16 * 1024
 #: Bytes read from a socket channel at a time (Twisted's default is 64 KiB).
 CHANNEL_READ_SIZE = 256 * 1024

@@ -29,8 +29,8 @@ from virtproxy.pacing import CHANNEL_READ_SIZE, WritePacer
 if TYPE_CHECKING:
     from virtproxy.channel import Channel
 
-#: Kernel send buffer for UNIX channels (Linux doubles it, and caps it at
-#: net.core.wmem_max).  A UNIX socket's send buffer is the whole pipe (the
+#: Kernel send buffer for UNIX channels (Linux doubles it; see
+#: set_unix_send_buffer for its cap).  A UNIX socket's send buffer is the whole pipe (the
 #: peer's receive buffer does not count), and it reports writable again only
 #: once three quarters of it drained.  At 256 KiB most 256 KiB chunks were
 #: taken in part: the rest went through Twisted's buffer (a copy, two
