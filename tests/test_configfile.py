@@ -57,9 +57,10 @@ def test_a_full_file(tmp_path: Path) -> None:
     }
     assert [f.name for f in vm1.iforwards] == ["web"]
     assert [(r.name, r.host, r.port) for r in vm1.rforwards] == [("web", "127.0.0.1", 18080)]
-    assert (vm1.keepalive_interval, vm1.keepalive_timeout, vm1.max_streams) == (2, 9, 64)
-    assert (vm2.keepalive_interval, vm2.keepalive_timeout) == (1, 9)
-    assert vm2.window == Limits().window
+    one, two = vm1.limits, vm2.limits
+    assert (one.keepalive_interval, one.keepalive_timeout, one.max_streams) == (2, 9, 64)
+    assert (two.keepalive_interval, two.keepalive_timeout) == (1, 9)
+    assert two.window == Limits().window
 
 
 def test_options_merge_the_file_with_the_command_line(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from twisted.internet import endpoints
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 
-from virtproxy.config import ChannelSpec, DaemonConfig, ForwardSpec
+from virtproxy.config import ChannelSpec, DaemonConfig, ForwardSpec, Limits
 from virtproxy.options import Options, TwistdOptions, format_error, quote_endpoint_arg
 
 CHAN = ["--channel", "tcp-connect:127.0.0.1:4000"]
@@ -103,12 +103,14 @@ def test_defaults() -> None:
         channel=ChannelSpec("tcp-connect", "tcp:host=127.0.0.1:port=4000", CHAN[1]),
         oforwards=(),
         iforwards=(),
-        connect_timeout=10.0,
-        keepalive_interval=5.0,
-        keepalive_timeout=20.0,
-        max_frame=None,
-        window=524288,
-        max_streams=1024,
+        limits=Limits(
+            connect_timeout=10.0,
+            keepalive_interval=5.0,
+            keepalive_timeout=20.0,
+            max_frame=None,
+            window=524288,
+            max_streams=1024,
+        ),
     )
 
 
@@ -127,13 +129,14 @@ def test_numeric_options() -> None:
         "--max-streams",
         "7",
     )
-    assert (config.connect_timeout, config.keepalive_interval, config.keepalive_timeout) == (
+    limits = config.limits
+    assert (limits.connect_timeout, limits.keepalive_interval, limits.keepalive_timeout) == (
         2.5,
         0.5,
         2.0,
     )
-    assert (config.max_frame, config.window, config.max_streams) == (1024, 1024, 7)
-    limits = parse(*CHAN, "--max-frame", "65535", "--window", str(2**31 - 1))
+    assert (limits.max_frame, limits.window, limits.max_streams) == (1024, 1024, 7)
+    limits = parse(*CHAN, "--max-frame", "65535", "--window", str(2**31 - 1)).limits
     assert (limits.max_frame, limits.window) == (65535, 2**31 - 1)
 
 
@@ -471,7 +474,7 @@ def test_max_open_rate(value: str, ok: bool) -> None:
     argv = ["--channel", "tcp-connect:127.0.0.1:4000", "--max-open-rate", value]
     if ok:
         options.parseOptions(argv)
-        assert options.config.max_open_rate == int(value)
+        assert options.config.limits.max_open_rate == int(value)
     else:
         with pytest.raises(usage.UsageError, match="--max-open-rate"):
             options.parseOptions(argv)

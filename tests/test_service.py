@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from virtproxy.channel import Channel
-from virtproxy.config import ChannelSpec, DaemonConfig, ForwardSpec
+from virtproxy.config import ChannelSpec, DaemonConfig, ForwardSpec, Limits
 from virtproxy.errors import StartupError
 from virtproxy.factories import ChannelServerFactory, ProxyServerFactory
 from virtproxy.protocol import VPChannelProtocol
@@ -35,12 +35,14 @@ def listen_config(**kw: Any) -> DaemonConfig:
     channel = ChannelSpec(
         "tcp-listen", "tcp:7000:interface=127.0.0.1:backlog=5", "tcp-listen:127.0.0.1:7000"
     )
-    return DaemonConfig(channel=channel, oforwards=(ECHO, WEB), iforwards=(SSH,), **kw)
+    return DaemonConfig(
+        channel=channel, oforwards=(ECHO, WEB), iforwards=(SSH,), limits=Limits(**kw)
+    )
 
 
 def connect_config(**kw: Any) -> DaemonConfig:
     channel = ChannelSpec("tcp-connect", "tcp:host=127.0.0.1:port=1", "tcp-connect:127.0.0.1:1")
-    return DaemonConfig(channel=channel, oforwards=(ECHO,), iforwards=(SSH,), **kw)
+    return DaemonConfig(channel=channel, oforwards=(ECHO,), iforwards=(SSH,), limits=Limits(**kw))
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ Nothing here touches the reactor, so configs can be built and checked anywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 #: Channel kinds whose Twisted endpoint is a *server* (we wait for the peer).
 LISTEN_KINDS = frozenset({"tcp-listen", "unix-listen"})
@@ -80,32 +79,6 @@ class ListenAllowance:
 class Limits:
     """A channel's limits and timers (options, or a config file's tables)."""
 
-    connect_timeout: float = 10.0
-    keepalive_interval: float = 5.0
-    keepalive_timeout: float = 20.0
-    max_frame: int | None = None
-    window: int = 512 * 1024
-    max_streams: int = 1024
-    max_open_rate: int = 1000
-    link: str | None = None
-    max_reset_rate: int = 1000
-    session_window: int | None = None
-    stream_buffer: int = 256 * 1024
-    max_pending: int = 1024
-    max_service_name: int = 64
-
-    def as_fields(self) -> dict[str, Any]:
-        """The same values as keyword arguments (DaemonConfig has a field for each)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(frozen=True)
-class DaemonConfig:
-    """One channel with its forwards and limits (one Session each)."""
-
-    channel: ChannelSpec
-    oforwards: tuple[ForwardSpec, ...] = ()
-    iforwards: tuple[ForwardSpec, ...] = ()
     #: Seconds an accepted client waits for the session and the peer's OPEN_OK.
     connect_timeout: float = 10.0
     #: Seconds of silence before a PING, and before the session is declared dead.
@@ -132,15 +105,21 @@ class DaemonConfig:
     max_pending: int = 1024
     #: Longest service name the peer may open.
     max_service_name: int = 64
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """One channel with its forwards and limits (one Session each)."""
+
+    channel: ChannelSpec
+    oforwards: tuple[ForwardSpec, ...] = ()
+    iforwards: tuple[ForwardSpec, ...] = ()
+    limits: Limits = field(default_factory=Limits)
     extra: dict[str, object] = field(default_factory=dict)
     #: The channel's label (``--channel vm1=...``); "" for the one unlabelled channel.
     label: str = ""
     #: Listeners we ask the peer to open for us (``--rforward``).
     rforwards: tuple[RemoteForwardSpec, ...] = ()
-
-    @property
-    def limits(self) -> Limits:
-        return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits)})
 
     @property
     def name(self) -> str:

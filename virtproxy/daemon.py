@@ -219,7 +219,9 @@ class Runtime(MultiService):
             if kind not in (OFORWARD, IFORWARD):
                 raise ConfigError(f"unknown forward kind {kind!r}")
             return runtime, parse_forward(
-                spec, outgoing=kind == OFORWARD, connect_timeout=runtime.config.connect_timeout
+                spec,
+                outgoing=kind == OFORWARD,
+                connect_timeout=runtime.config.limits.connect_timeout,
             )
         except usage.UsageError as e:
             raise ConfigError(str(e)) from None

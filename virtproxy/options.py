@@ -837,7 +837,7 @@ def channel_config(
         iforwards=_unique("--iforward", iforwards),
         rforwards=_unique_r(rforwards),
         label=label,
-        **limits.as_fields(),
+        limits=limits,
     )
 
 

@@ -104,23 +104,25 @@ OPEN_OK_DELAY = 0.005
 
 
 def session_config(config: DaemonConfig) -> SessionConfig:
-    max_frame = config.max_frame or default_max_frame(config.channel.kind)
+    limits = config.limits
+    kind = config.channel.kind
+    max_frame = limits.max_frame or default_max_frame(kind)
     return SessionConfig(
         max_frame=max_frame,
-        window=max(config.window, max_frame),
-        max_streams=config.max_streams,
-        max_open_rate=config.max_open_rate,
-        keepalive_interval=config.keepalive_interval,
-        keepalive_timeout=config.keepalive_timeout,
-        open_timeout=config.connect_timeout,
-        header_crc=config.channel.kind in SOCKET_KINDS,
-        link=config.link or default_link(config.channel.kind),
-        max_reset_rate=config.max_reset_rate,
-        session_window=max(config.session_window or 64 * 1024 * 1024, config.window, max_frame),
-        send_high_water=config.stream_buffer,
-        max_pending=config.max_pending,
-        max_service_name=config.max_service_name,
-        open_ok_delay=min(OPEN_OK_DELAY, config.connect_timeout / 2),
+        window=max(limits.window, max_frame),
+        max_streams=limits.max_streams,
+        max_open_rate=limits.max_open_rate,
+        keepalive_interval=limits.keepalive_interval,
+        keepalive_timeout=limits.keepalive_timeout,
+        open_timeout=limits.connect_timeout,
+        header_crc=kind in SOCKET_KINDS,
+        link=limits.link or default_link(kind),
+        max_reset_rate=limits.max_reset_rate,
+        session_window=max(limits.session_window or 64 * 1024 * 1024, limits.window, max_frame),
+        send_high_water=limits.stream_buffer,
+        max_pending=limits.max_pending,
+        max_service_name=limits.max_service_name,
+        open_ok_delay=min(OPEN_OK_DELAY, limits.connect_timeout / 2),
     )
 
 
