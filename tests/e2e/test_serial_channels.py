@@ -585,39 +585,64 @@ def test_garbage_during_transfer_never_delivers_wrong_bytes(relays, daemons, bac
     assert p.host.alive() and p.guest.alive()
 
 
-@pytest.mark.parametrize(("host_kind", "guest_kind"), KIND_PAIRS, ids=KIND_IDS)
-def test_guest_killed_mid_transfer_then_restarted(relays, daemons, backends, host_kind, guest_kind):
+@dataclass
+class Transfer:
+    """A 16 MiB download under way through a daemon pair, cut by the test."""
+
+    pair: Pair
+    client: socket.socket
+    got: bytes
+    payload: bytes
+    echo_port: int
+
+
+def start_transfer(
+    relays, daemons, backends, host_kind, guest_kind, listen_on_host: bool
+) -> Transfer:
+    """Daemons over a relayed serial channel; a client on the listening side has
+    read the first 256 KiB of a 16 MiB download from the other side."""
     relay = relays()
     payload = os.urandom(16 * 1024 * 1024)
     src = backends(FiniteSource, payload)
     echo = backends(EchoServer)
     sport, eport = free_port(), free_port()
-    p = start_pair(
-        daemons,
-        relay,
-        host_kind,
-        guest_kind,
-        host_o=[f"src:{LOOPBACK}:{sport}", f"echo:{LOOPBACK}:{eport}"],
-        guest_i=[f"src:{src.addr}", f"echo:{echo.addr}"],
-        args=FAST_KEEPALIVE,
-    )
+    listeners = [f"src:{LOOPBACK}:{sport}", f"echo:{LOOPBACK}:{eport}"]
+    targets = [f"src:{src.addr}", f"echo:{echo.addr}"]
+    if listen_on_host:
+        forwards = {"host_o": listeners, "guest_i": targets}
+    else:
+        forwards = {"guest_o": listeners, "host_i": targets}
+    p = start_pair(daemons, relay, host_kind, guest_kind, args=FAST_KEEPALIVE, **forwards)
     s = connect(sport)
+    return Transfer(p, s, read_at_least(s, 256 * 1024), payload, eport)
+
+
+def cut_short(transfer: Transfer, rest: bytes, how: str) -> bytes:
+    """What the client got: right bytes, not all of them, and a reset, never an EOF."""
+    got = transfer.got + rest
+    payload = transfer.payload
+    assert got == payload[: len(got)], "wrong bytes before the cut"
+    assert len(got) < len(payload), "transfer completed before the cut: test too short"
+    assert how == "reset", f"the client saw a clean EOF with {len(got)} of {len(payload)} bytes"
+    return got
+
+
+@pytest.mark.parametrize(("host_kind", "guest_kind"), KIND_PAIRS, ids=KIND_IDS)
+def test_guest_killed_mid_transfer_then_restarted(relays, daemons, backends, host_kind, guest_kind):
+    transfer = start_transfer(relays, daemons, backends, host_kind, guest_kind, True)
+    p, s, eport = transfer.pair, transfer.client, transfer.echo_port
     try:
-        got = read_at_least(s, 256 * 1024)
         hmark = p.host.mark()
         p.guest.kill()
         t_kill = time.monotonic()
         how, rest, took = wait_closed(s, KEEPALIVE_TIMEOUT + 6)
     finally:
         s.close()
-    got += rest
+    got = cut_short(transfer, rest, how)
     print(
         f"\n[{host_kind}->{guest_kind}] guest killed: host client saw {how} after {took:.2f}s, "
-        f"{len(got)} of {len(payload)} bytes"
+        f"{len(got)} of {len(transfer.payload)} bytes"
     )
-    assert got == payload[: len(got)], "wrong bytes before the cut"
-    assert len(got) < len(payload), "transfer completed before the kill: test too short"
-    assert how == "reset", f"host client saw a clean EOF with {len(got)} of {len(payload)} bytes"
     assert took < KEEPALIVE_TIMEOUT + 3, f"reset only after {took:.2f}s"
     p.host.wait_for("session ended", 5, since=hmark)
     assert p.host.alive()
@@ -645,33 +670,16 @@ def test_guest_killed_mid_transfer_then_restarted(relays, daemons, backends, hos
 def test_host_restarted_resets_guest_streams_and_new_session(
     relays, daemons, backends, host_kind, guest_kind
 ):
-    relay = relays()
-    payload = os.urandom(16 * 1024 * 1024)
-    src = backends(FiniteSource, payload)
-    echo = backends(EchoServer)
-    sport, eport = free_port(), free_port()
-    p = start_pair(
-        daemons,
-        relay,
-        host_kind,
-        guest_kind,
-        guest_o=[f"src:{LOOPBACK}:{sport}", f"echo:{LOOPBACK}:{eport}"],
-        host_i=[f"src:{src.addr}", f"echo:{echo.addr}"],
-        args=FAST_KEEPALIVE,
-    )
-    s = connect(sport)
+    transfer = start_transfer(relays, daemons, backends, host_kind, guest_kind, False)
+    p, s, eport = transfer.pair, transfer.client, transfer.echo_port
     try:
-        got = read_at_least(s, 256 * 1024)
         gmark = p.guest.mark()
         p.host.kill()
         p.host.restart()  # at once: its new session id, not the keepalive, ends the old session
         how, rest, took = wait_closed(s, KEEPALIVE_TIMEOUT + 6)
     finally:
         s.close()
-    got += rest
-    assert got == payload[: len(got)], "wrong bytes before the cut"
-    assert len(got) < len(payload)
-    assert how == "reset", f"guest client saw a clean EOF with {len(got)} of {len(payload)} bytes"
+    cut_short(transfer, rest, how)
     line = p.guest.wait_line(r"session ended", since=gmark)
     p.guest.wait_for("session up", 10, since=gmark)
     p.host.wait_for("session up", 10)
