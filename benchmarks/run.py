@@ -259,16 +259,13 @@ def client(workload: str, port: int, limit: float, **kw) -> dict:
         return {"ok": False, "error": (r.stderr.decode()[-300:] or "no output")}
 
 
-class Gated:
-    """An RTT client that connects (and handshakes) first, then waits for
-    go() so that its connection exists before the background load starts."""
+class ClientProcess:
+    """A benchmark client in its own process: its stdout lines are collected as
+    they come, it takes commands on stdin, and it ends with a JSON line."""
 
-    def __init__(self, procs: Procs, workload: str, port: int, **kw) -> None:
-        argv = [PY, BENCH, "client", workload, "--port", str(port), "--wait-go"]
-        for k, v in kw.items():
-            argv += ["--" + k.replace("_", "-"), str(v)]
+    def __init__(self, procs: Procs, name: str, argv: list[str]) -> None:
         self.procs = procs
-        self.p = procs.start(workload, argv, stdout_pipe=True, stdin_pipe=True)
+        self.p = procs.start(name, argv, stdout_pipe=True, stdin_pipe=True)
         self.lines: list[str] = []
         self.t = threading.Thread(target=self._read, daemon=True)
         self.t.start()
@@ -277,20 +274,44 @@ class Gated:
         for line in self.p.stdout:  # type: ignore[union-attr]
             self.lines.append(line.decode().strip())
 
-    def wait_connected(self, timeout: float) -> bool:
+    def wait_line(self, marker: str, timeout: float) -> bool:
+        """Has the client printed ``marker`` (before it exited, within ``timeout``)?"""
         end = time.monotonic() + timeout
         while time.monotonic() < end and self.p.poll() is None:
-            if "connected" in self.lines:
+            if marker in self.lines:
                 return True
             time.sleep(0.02)
-        return "connected" in self.lines
+        return marker in self.lines
 
-    def go(self) -> None:
+    def tell(self, command: bytes) -> None:
         try:
-            self.p.stdin.write(b"go\n")  # type: ignore[union-attr]
+            self.p.stdin.write(command)  # type: ignore[union-attr]
             self.p.stdin.flush()  # type: ignore[union-attr]
         except OSError:
             pass
+
+    def last_json(self, missing: dict) -> dict:
+        for line in reversed(self.lines):
+            if line.startswith("{"):
+                return json.loads(line)
+        return missing
+
+
+class Gated(ClientProcess):
+    """An RTT client that connects (and handshakes) first, then waits for
+    go() so that its connection exists before the background load starts."""
+
+    def __init__(self, procs: Procs, workload: str, port: int, **kw) -> None:
+        argv = [PY, BENCH, "client", workload, "--port", str(port), "--wait-go"]
+        for k, v in kw.items():
+            argv += ["--" + k.replace("_", "-"), str(v)]
+        super().__init__(procs, workload, argv)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.wait_line("connected", timeout)
+
+    def go(self) -> None:
+        self.tell(b"go\n")
 
     def result(self, timeout: float) -> dict:
         try:
@@ -300,10 +321,7 @@ class Gated:
             return {"ok": False, "error": f"client timeout >{timeout:.0f} s"}
         self.t.join(5)
         self.procs.stop(self.p)
-        for line in reversed(self.lines):
-            if line.startswith("{"):
-                return json.loads(line)
-        return {"ok": False, "error": "no result"}
+        return self.last_json({"ok": False, "error": "no result"})
 
 
 def rtt_under_load(
@@ -334,59 +352,22 @@ def rtt_under_load(
     return r
 
 
-class Loader:
+class Loader(ClientProcess):
     """A bulk upload in its own process for the RTT-under-load workloads."""
 
     def __init__(self, procs: Procs, port: int, max_seconds: float, warmup: float) -> None:
-        self.procs = procs
-        self.p = procs.start(
-            "load",
-            [
-                PY,
-                BENCH,
-                "client",
-                "load",
-                "--port",
-                str(port),
-                "--max-seconds",
-                str(max_seconds),
-                "--warmup",
-                str(warmup),
-            ],
-            stdout_pipe=True,
-            stdin_pipe=True,
-        )
-        self.ready = False
-        self.lines: list[str] = []
-        self.t = threading.Thread(target=self._read, daemon=True)
-        self.t.start()
-
-    def _read(self) -> None:
-        for line in self.p.stdout:  # type: ignore[union-attr]
-            self.lines.append(line.decode().strip())
+        argv = [PY, BENCH, "client", "load", "--port", str(port)]
+        argv += ["--max-seconds", str(max_seconds), "--warmup", str(warmup)]
+        super().__init__(procs, "load", argv)
 
     def wait_ready(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if "ready" in self.lines:
-                return True
-            if self.p.poll() is not None:
-                return False
-            time.sleep(0.02)
-        return False
+        return self.wait_line("ready", timeout)
 
     def finish(self) -> dict:
-        try:
-            self.p.stdin.write(b"stop\n")  # type: ignore[union-attr]
-            self.p.stdin.flush()  # type: ignore[union-attr]
-        except OSError:
-            pass
+        self.tell(b"stop\n")
         self.t.join(10)
         self.procs.stop(self.p)
-        for line in reversed(self.lines):
-            if line.startswith("{"):
-                return json.loads(line)
-        return {"goodput": 0.0, "error": "no result"}
+        return self.last_json({"goodput": 0.0, "error": "no result"})
 
 
 # --------------------------------------------------------------------------
