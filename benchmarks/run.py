@@ -2,7 +2,8 @@
 # ruff: noqa: RUF005, E501, B023, B905, E731, SIM115, RUF059
 """Benchmark virtproxy side by side with direct TCP, socat and OpenSSH -L.
 
-    python benchmarks/run.py [--quick] [--rounds N] [--only WORKLOAD[,...]] [--json out.json]
+    python benchmarks/run.py [--quick] [--rounds N] [--latency-rounds N] [--only WORKLOAD[,...]]
+                             [--json out.json]
 
 Everything runs on 127.0.0.1; every process started here is killed on exit.
 See benchmarks/README.rst for what is measured.
@@ -37,6 +38,9 @@ VP_PATH = REPO  # directory holding the virtproxy package under test (--vp-path)
 PEERS = ["direct", "socat", "ssh", "vp-tcp", "vp-unix"]
 PACED_PEERS = ["direct", "socat", "ssh", "vp-tcp"]
 WORKLOADS = ["bulk", "multi", "rtt", "rttload", "short", "many", "paced"]
+#: Round trips move most from round to round on a shared box, and they are
+#: short: they get more rounds (--latency-rounds).
+LATENCY_WORKLOADS = {"rtt", "rttload"}
 MB = 1e6
 MiB = 1 << 20
 
@@ -639,9 +643,12 @@ def run_normal(args, procs: Procs, setup: Setup, results: dict, only: set) -> No
     multi_bytes = (4 if q else 16) * MiB
     rtts = 1000 if q else 2000
     short_s = 1.0 if q else 2.0
-    for rnd in range(args.rounds):
+    total = max(args.rounds, args.latency_rounds)
+    for rnd in range(total):
         order = PEERS[rnd % len(PEERS) :] + PEERS[: rnd % len(PEERS)]
-        log(f"round {rnd + 1}/{args.rounds} (order {', '.join(order)})")
+        log(f"round {rnd + 1}/{total} (order {', '.join(order)})")
+        if rnd == args.rounds:
+            only = only & LATENCY_WORKLOADS  # the extra rounds: round trips only
         for name in order:
             port = peers[name].entry
             if "bulk" in only:
@@ -977,6 +984,12 @@ def ratios_and_targets(results: dict) -> tuple[str, list[tuple[str, str, bool | 
     return "\n".join(lines), out
 
 
+def rounds_text(args) -> str:
+    if args.latency_rounds == args.rounds:
+        return f"{args.rounds} round(s)"
+    return f"{args.rounds} round(s), {args.latency_rounds} for round trips"
+
+
 def machine() -> str:
     return (
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, nproc {os.cpu_count()}, "
@@ -991,6 +1004,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs (~3 min)")
     ap.add_argument(
         "--rounds", type=int, default=None, help="rounds for workloads 1-7 (default 3, quick 1)"
+    )
+    ap.add_argument(
+        "--latency-rounds",
+        type=int,
+        default=None,
+        help="rounds for workloads 3-4, the round trips (default 5, quick 1; at least --rounds)",
     )
     ap.add_argument("--only", default="", help=f"comma list of {','.join(WORKLOADS)}")
     ap.add_argument("--json", help="write raw results here")
@@ -1020,6 +1039,9 @@ def main() -> int:
         ap.error(f"no virtproxy package in {VP_PATH}")
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
+    if args.latency_rounds is None:
+        args.latency_rounds = 1 if args.quick else 5
+    args.latency_rounds = max(args.rounds, args.latency_rounds)
     only = set(WORKLOADS)
     if args.only:
         only = set(args.only.split(","))
@@ -1051,7 +1073,7 @@ def main() -> int:
     setup = Setup(procs, tmp)
     log(f"virtproxy from {VP_PATH}")
     log(
-        f"{machine()}; mode {'quick' if args.quick else 'full'}, {args.rounds} round(s); logs in {tmp}"
+        f"{machine()}; mode {'quick' if args.quick else 'full'}, {rounds_text(args)}; logs in {tmp}"
     )
     run_normal(args, procs, setup, results, only)
     if "paced" in only:
@@ -1061,7 +1083,7 @@ def main() -> int:
     ratios, checks = ratios_and_targets(results)
     print()
     print(
-        f"virtproxy benchmark, {'quick' if args.quick else 'full'} mode, {args.rounds} round(s), "
+        f"virtproxy benchmark, {'quick' if args.quick else 'full'} mode, {rounds_text(args)}, "
         f"medians; {machine()}; {time.monotonic() - started:.0f} s"
     )
     print(table)
@@ -1078,6 +1100,7 @@ def main() -> int:
                     "machine": machine(),
                     "quick": args.quick,
                     "rounds": args.rounds,
+                    "latency_rounds": args.latency_rounds,
                     "results": results,
                     "checks": checks,
                     "table": table,
