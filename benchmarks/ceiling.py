@@ -185,26 +185,11 @@ print(total, flush=True)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def listening(port: int) -> bool:
-    """Is something listening on 127.0.0.1:port?  (Read from /proc: a probe
-    connection would itself travel the chain and use up the sink's accept.)"""
-    wanted = f"0100007F:{port:04X}"
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == wanted and fields[3] == "0A":
-            return True
-    return False
-
-
 def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    """run.py's ``listening`` (read from /proc: a probe connection would itself
+    travel the chain and use up the sink's single accept) until ``proc`` is up."""
     deadline = time.monotonic() + 15
-    while not listening(port):
+    while not bench_run.listening(port):
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
         if time.monotonic() > deadline:
@@ -225,10 +210,10 @@ def relays(
     if chain == "ssh":
         peer = ssh.ssh(sink, None)
         return peer.entry, list(peer.procs)
-    entry = free_port()
+    entry = bench_run.free_port()
     if chain == "vp-tcp":
         env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-        channel = free_port()
+        channel = bench_run.free_port()
         host = start(
             [PY, "-m", "virtproxy", "-c", f"tcp-listen:127.0.0.1:{channel}",
              "-o", f"bulk:127.0.0.1:{entry}"],
@@ -245,7 +230,7 @@ def relays(
         return entry, [host, guest]
     source = {"blocking": BLOCKING_RELAY, "splice": SPLICE_RELAY, "framed": FRAMED_RELAY}
     code = source.get(chain, TWISTED_RELAY)
-    middle = free_port()
+    middle = bench_run.free_port()
     b = start([PY, "-c", code, str(middle), str(sink), "b", str(frame)])
     assert b.stdout is not None
     b.stdout.readline()
@@ -263,7 +248,7 @@ def relays_cpu(relays: list[subprocess.Popen[bytes]]) -> float:
 
 def one_round(chain: str, mib: int, ssh: bench_run.Setup, frame: int) -> tuple[float, float]:
     """MB/s (10^6 bytes/s) and relay CPU seconds per GB for one upload of ``mib`` MiB."""
-    sink_port = free_port()
+    sink_port = bench_run.free_port()
     sink = start([PY, "-c", SINK, str(sink_port)])
     pair: list[subprocess.Popen[bytes]] = []
     try:
