@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     from virtproxy.channel import Channel
 
 #: Kernel send buffer for UNIX channels (Linux doubles it; see
-#: set_unix_send_buffer for its cap).  A UNIX socket's send buffer is the whole pipe (the
-#: peer's receive buffer does not count), and it reports writable again only
-#: once three quarters of it drained.  At 256 KiB most 256 KiB chunks were
+#: set_unix_send_buffer for its cap).  A UNIX socket's send buffer is the
+#: whole pipe (the peer's receive buffer does not count), and it reports
+#: writable again only once three quarters of it drained.  At 256 KiB most 256 KiB chunks were
 #: taken in part: the rest went through Twisted's buffer (a copy, two
 #: epoll_ctl) and the sender waited on a nearly empty pipe, so 32 streams ran
 #: about 20 % slower than over loopback TCP, whose receive buffer holds
