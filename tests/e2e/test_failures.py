@@ -65,6 +65,34 @@ def test_refused_target_closes_client_and_daemon_survives(pair, backends):
     assert data == b"" and took < 3.0
 
 
+def test_request_sent_at_once_to_a_refused_target_is_dropped_quietly(pair, backends):
+    """A client's first bytes travel as early data, right behind the OPEN,
+    before the far side has tried its connect.  When that connect is refused
+    they must be dropped: no byte delivered, the client closed, neither
+    daemon counting a protocol error, and the channel serving on."""
+    echo = backends(EchoServer)
+    dport, gport = free_port(), free_port()
+    p = pair(
+        host_o=[f"deadend:{LOOPBACK}:{dport}", f"good:{LOOPBACK}:{gport}"],
+        guest_i=[f"deadend:{LOOPBACK}:{closed_port()}", f"good:{echo.addr}"],
+    )
+    request = os.urandom(64 * 1024)  # more than one DATA frame, less than a window
+    for _ in range(20):
+        how, data, took = open_until_closed(dport, 3.0, send=request)
+        assert data == b"", f"refused stream delivered {len(data)} bytes"
+        assert how in ("eof", "reset") and took < 3.0
+    assert p.host.alive() and p.guest.alive()
+    assert echo_roundtrip(gport, b"still serving") == b"still serving"
+    # A session's end logs the trouble counters that changed (protocol_errors
+    # among them); a clean stop of the guest ends it on both sides.
+    hmark = p.host.mark()
+    assert p.guest.terminate() == 0
+    p.host.wait_for("session ended", 5, since=hmark)
+    for side in (p.host, p.guest):
+        log = side.log()
+        assert "protocol_errors" not in log and "peer error" not in log, log
+
+
 def test_unknown_service_closes_client_and_is_logged(pair, backends):
     echo = backends(EchoServer)
     uport, gport = free_port(), free_port()
