@@ -12,7 +12,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import CannotListenError, ConnectionRefusedError
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
@@ -24,7 +24,14 @@ from virtproxy.config import ChannelSpec, DaemonConfig, ForwardSpec, Limits
 from virtproxy.errors import StartupError
 from virtproxy.factories import ChannelServerFactory, ProxyServerFactory
 from virtproxy.protocol import VPChannelProtocol
-from virtproxy.service import ChannelService, ListenService, make_service, session_config
+from virtproxy.service import (
+    ChannelEndpoint,
+    ChannelService,
+    ListenService,
+    make_service,
+    retry_policy,
+    session_config,
+)
 
 ECHO = ForwardSpec("echo", "tcp:0:interface=127.0.0.1:backlog=128", "echo:127.0.0.1:0")
 WEB = ForwardSpec("web", "tcp:8080:interface=127.0.0.1", "web:127.0.0.1:8080")
@@ -168,6 +175,55 @@ def test_connect_channel_retries_with_backoff_on_the_given_reactor() -> None:
     assert len(reactor.tcpClients) == 2  # and never after stopping
 
 
+def test_connect_channel_says_why_an_attempt_failed_once_per_reason(log_lines: list[str]) -> None:
+    reactor = MemoryReactorClock()
+    top = make_service(connect_config(), reactor=reactor)
+    top.startService()
+    try:
+
+        def refuse() -> None:
+            factory = reactor.tcpClients[-1][2]
+            error = ConnectionRefusedError(111, "Connection refused")
+            factory.clientConnectionFailed(reactor.connectors[-1], Failure(error))
+            reactor.advance(11.0)  # past the longest back-off
+
+        refuse()
+        refuse()
+        why = [line for line in log_lines if "cannot connect" in line]
+        assert why == [
+            "tcp-connect:127.0.0.1:1: cannot connect the channel: Connection refused; retrying"
+        ]
+        # Twisted's own retry line names the endpoint as the user wrote it.
+        retries = [line for line in log_lines if line.startswith("Scheduling retry")]
+        assert retries and all(" tcp-connect:127.0.0.1:1 in " in line for line in retries)
+        assert all(len(line.split(" in ")[-1]) <= len("10.0 seconds.") for line in retries)
+    finally:
+        top.stopService()
+    assert len([line for line in log_lines if "cannot connect" in line]) == 1  # not the cancel
+
+
+def test_channel_endpoint_names_a_labelled_channel_and_its_spec(log_lines: list[str]) -> None:
+    @implementer(IStreamClientEndpoint)
+    class Refusing:
+        def connect(self, factory: Any) -> Deferred[Any]:
+            return fail(ConnectionRefusedError(111, "Connection refused"))
+
+    endpoint = ChannelEndpoint(Refusing(), "unix-connect:/run/vm1/vp.sock", "vm1")
+    assert repr(endpoint) == "unix-connect:/run/vm1/vp.sock"
+    endpoint.connect(Factory()).addErrback(lambda _: None)
+    assert [line for line in log_lines if "cannot connect" in line] == [
+        "vm1: cannot connect the channel to unix-connect:/run/vm1/vp.sock: "
+        "Connection refused; retrying"
+    ]
+
+
+def test_retry_delays_grow_and_are_rounded() -> None:
+    policy = retry_policy()
+    delays = [policy(attempt) for attempt in range(1, 12)]
+    assert all(delay == round(delay, 1) for delay in delays)
+    assert delays[0] < delays[3] and max(delays) <= 10.0 + 1.0  # capped (plus jitter)
+
+
 def test_in_band_channels_are_not_dropped_on_silence() -> None:
     reactor = MemoryReactorClock()
     config = DaemonConfig(
@@ -225,6 +281,18 @@ def test_failed_listen_is_a_one_line_startup_error() -> None:
     assert message.startswith("cannot listen for oforward 'web' (web:127.0.0.1:8080): ")
     assert "127.0.0.1:8080" in message and "Address already in use" in message
     assert not service.running and service.port is None
+
+
+def test_failed_unix_listen_names_the_path_not_twisteds_lock_file() -> None:
+    # Twisted's UNIX listener takes a lock (a symlink) before it binds: in a
+    # missing directory that symlink is what fails, with both names in it.
+    error = FileNotFoundError(2, "No such file or directory", "1234", None, b"/no/dir/x.sock.lock")
+    service = ListenService(FailingEndpoint(error), Factory(), "channel unix-listen:/no/dir/x.sock")
+    with pytest.raises(StartupError) as caught:
+        service.startService()
+    assert caught.value.message == (
+        "cannot listen for channel unix-listen:/no/dir/x.sock: No such file or directory"
+    )
 
 
 def test_listen_without_an_answer_is_a_startup_error() -> None:

@@ -131,8 +131,8 @@ def _reason(code: int | None, fallback: str = "unknown error") -> str:
 class DeviceOpenError(error.ConnectError):
     """Opening the channel device failed.
 
-    ``str()`` is one line naming the device and why, because a reconnecting
-    ClientService logs it on every attempt.
+    ``str()`` is one line naming the device and why; its argument alone is
+    the reason the channel's endpoint logs (see service.ChannelEndpoint).
     """
 
     def __init__(self, address: DeviceAddress, code: int | None, reason: str) -> None:

@@ -7,16 +7,25 @@ so an address already in use surfaces as a :class:`StartupError` at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.error import ConnectError, ConnectingCancelledError
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from virtproxy.channel import Channel
 from virtproxy.config import DaemonConfig, ForwardSpec, ProcessConfig
@@ -64,7 +73,7 @@ class ListenService(Service):
         result = outcome[0]
         if isinstance(result, Failure):
             self.running = False
-            raise StartupError(f"cannot listen for {self.description}: {result.getErrorMessage()}")
+            raise StartupError(f"cannot listen for {self.description}: {listen_error(result)}")
         self.port = result
         self.log.info(
             "listening for {what} on {where}",
@@ -78,6 +87,71 @@ class ListenService(Service):
         if port is None:
             return succeed(None)
         return port.stopListening()  # type: ignore[return-value]
+
+
+def listen_error(failure: Failure) -> str:
+    """Why a listen failed.  A bare OSError's file names are left out: for a
+    UNIX path they name Twisted's lock file (``'1234' -> b'/x.sock.lock'``),
+    and the description names the path the user gave."""
+    error = failure.value
+    if type(error).__module__ == "builtins" and isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return failure.getErrorMessage()
+
+
+@implementer(IStreamClientEndpoint)
+class ChannelEndpoint:
+    """A connect channel's endpoint as its ClientService sees it.
+
+    ClientService logs every retry with the endpoint's repr (an object address
+    for Twisted's endpoints) and never why the attempt failed; so this one is
+    named as the user wrote it, and says why, once per new reason: a mistyped
+    device path or a refused port shows at once without repeating every retry.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamClientEndpoint, description: str, label: str) -> None:
+        self.endpoint = endpoint
+        self.description = description
+        self.label = label
+        self._failing: str | None = None
+
+    def __repr__(self) -> str:
+        return self.description
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        attempt = self.endpoint.connect(factory)
+        attempt.addCallbacks(self._connected, self._failed)
+        return attempt
+
+    def _connected(self, protocol: IProtocol) -> IProtocol:
+        self._failing = None
+        return protocol
+
+    def _failed(self, failure: Failure) -> Failure:
+        if not failure.check(CancelledError, ConnectingCancelledError):
+            error = failure.value
+            # A ConnectError's argument is the bare reason ("Connection refused").
+            bare = error.args[0] if isinstance(error, ConnectError) and error.args else None
+            why = bare if isinstance(bare, str) and bare else failure.getErrorMessage()
+            if why != self._failing:
+                self._failing = why
+                self.log.warn(
+                    "{label}: cannot connect the channel{to}: {why}; retrying",
+                    label=self.label,
+                    to="" if self.label == self.description else f" to {self.description}",
+                    why=why,
+                )
+        return failure
+
+
+def retry_policy(
+    initial: float = 0.5, most: float = 10.0, factor: float = 2.0
+) -> Callable[[int], float]:
+    """Twisted's jittered backoff, in tenths of a second (it logs each delay)."""
+    policy = backoffPolicy(initialDelay=initial, maxDelay=most, factor=factor)
+    return lambda attempt: round(policy(attempt), 1)
 
 
 class ChannelService(MultiService):
@@ -167,9 +241,13 @@ def make_service(config: DaemonConfig, reactor: Any = None) -> ChannelService:
         ).setServiceParent(top)
     else:
         ClientService(
-            clientFromString(reactor, config.channel.endpoint),
+            ChannelEndpoint(
+                clientFromString(reactor, config.channel.endpoint),
+                config.channel.original,
+                config.log_label,
+            ),
             ChannelClientFactory(channel),
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0, factor=2.0),
+            retryPolicy=retry_policy(),
             clock=reactor,
         ).setServiceParent(top)
     return top

@@ -104,3 +104,38 @@ def test_address_in_use_fails_cleanly(where, tmp_path):
     assert "Traceback" not in err, err
     naming = [line for line in _stderr_lines(proc) if str(port) in line]
     assert len(naming) == 1, f"want one stderr line naming {LOOPBACK}:{port}, got:\n{err}"
+
+
+def test_unix_listen_in_a_missing_directory_names_the_path(tmp_path):
+    path = tmp_path / "no-such-dir" / "vp.sock"
+    proc = _run(["--channel", f"unix-listen:{path}"], tmp_path)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    lines = _stderr_lines(proc)
+    assert len(lines) == 1, err
+    assert str(path) in lines[0] and "No such file or directory" in lines[0], err
+    assert ".lock" not in lines[0], f"names Twisted's lock file, not the path: {err}"
+
+
+def test_connect_channel_logs_why_it_cannot_connect_and_keeps_trying(tmp_path):
+    path = tmp_path / "not-there.sock"
+    proc = subprocess.Popen(
+        daemon_cmd("--channel", f"unix-connect:{path}"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=daemon_env(),
+        cwd=str(tmp_path),
+    )
+    try:
+        out, _ = proc.communicate(timeout=4)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    else:
+        pytest.fail(f"exited {proc.returncode} instead of retrying:\n{out.decode()}")
+    text = out.decode("utf-8", "replace")
+    assert "Traceback" not in text, text
+    why = [line for line in text.splitlines() if "cannot connect the channel" in line]
+    assert len(why) == 1 and "No such file or directory; retrying" in why[0], text
+    assert f"to connect unix-connect:{path} in " in text, text  # not an object's repr
