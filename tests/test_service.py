@@ -11,7 +11,12 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import CannotListenError, ConnectionRefusedError
+from twisted.internet.error import (
+    CannotListenError,
+    ConnectError,
+    ConnectionRefusedError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor, StringTransport
@@ -21,7 +26,7 @@ from zope.interface import implementer
 
 from virtproxy.channel import Channel
 from virtproxy.config import ChannelSpec, DaemonConfig, ForwardSpec, Limits
-from virtproxy.errors import StartupError
+from virtproxy.errors import StartupError, connect_reason
 from virtproxy.factories import ChannelServerFactory, ProxyServerFactory
 from virtproxy.protocol import VPChannelProtocol
 from virtproxy.service import (
@@ -311,3 +316,15 @@ def test_make_service_reports_the_oforward_that_cannot_listen() -> None:
     message = caught.value.message
     assert message.startswith("cannot listen for oforward 'echo' (echo:127.0.0.1:0): ")
     assert "Address already in use" in message and "\n" not in message
+
+
+def test_connect_reason_is_the_bare_reason_of_a_connect_error() -> None:
+    refused = ConnectionRefusedError(111, "Connection refused")
+    assert connect_reason(refused) == "Connection refused"
+    assert connect_reason(ConnectError(2, "No such file or\ndirectory")) == (
+        "No such file or directory"
+    )
+    # No bare reason: the whole message, on one line.
+    assert connect_reason(TimeoutError()) == str(TimeoutError())
+    assert connect_reason(ValueError("bad\nthing")) == "bad thing"
+    assert connect_reason(ValueError()) == "ValueError"

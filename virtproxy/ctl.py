@@ -16,6 +16,8 @@ from typing import Any, ClassVar, NoReturn
 
 from twisted.python import usage
 
+from virtproxy.errors import connect_reason
+
 #: Used when ``--control`` is not given.
 CONTROL_ENV = "VIRTPROXY_CONTROL"
 
@@ -237,8 +239,7 @@ async def _run(reactor: Any, options: CtlOptions) -> None:
     try:
         proto = await connectProtocol(UNIXClientEndpoint(reactor, path, timeout=5), amp.AMP())
     except Exception as e:
-        detail = " ".join(str(e).split()) or type(e).__name__
-        raise _Unreachable(f"cannot reach the control socket {path}: {detail}") from None
+        raise _Unreachable(f"cannot reach the control socket {path}: {connect_reason(e)}") from None
     try:
         verb, sub = options.subCommand, options.subOptions
         assert verb is not None

@@ -8,6 +8,8 @@ makes sense to an operator without a traceback.
 
 from __future__ import annotations
 
+from twisted.internet.error import ConnectError
+
 
 class VirtproxyError(Exception):
     """Base class of every error virtproxy raises on purpose."""
@@ -40,3 +42,12 @@ class ConfigError(VirtproxyError):
     @property
     def message(self) -> str:
         return str(self.args[0])
+
+
+def connect_reason(error: BaseException) -> str:
+    """Why a connect failed, in one line: a Twisted ConnectError's bare reason
+    ("Connection refused", "No such file or directory"), not its message
+    ("An error occurred while connecting: 2: No such file or directory.")."""
+    bare = error.args[0] if isinstance(error, ConnectError) and error.args else None
+    text = bare if isinstance(bare, str) and bare.strip() else str(error)
+    return " ".join(text.split()) or type(error).__name__

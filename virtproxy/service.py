@@ -14,7 +14,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.error import ConnectError, ConnectingCancelledError
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocol,
@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from virtproxy.channel import Channel
 from virtproxy.config import DaemonConfig, ForwardSpec, ProcessConfig
-from virtproxy.errors import StartupError
+from virtproxy.errors import StartupError, connect_reason
 from virtproxy.factories import (
     ChannelClientFactory,
     ChannelServerFactory,
@@ -131,10 +131,7 @@ class ChannelEndpoint:
 
     def _failed(self, failure: Failure) -> Failure:
         if not failure.check(CancelledError, ConnectingCancelledError):
-            error = failure.value
-            # A ConnectError's argument is the bare reason ("Connection refused").
-            bare = error.args[0] if isinstance(error, ConnectError) and error.args else None
-            why = bare if isinstance(bare, str) and bare else failure.getErrorMessage()
+            why = connect_reason(failure.value) if failure.value else failure.getErrorMessage()
             if why != self._failing:
                 self._failing = why
                 self.log.warn(
