@@ -270,15 +270,20 @@ class Runtime(MultiService):
         runtime.rforwards[spec.address] = client
         client.start()
 
-    def remove_forward(self, label: str, kind: str, name: str, kill: bool = False) -> str:
-        """Stop new connections for a forward; its live streams finish unless ``kill``."""
+    def remove_forward(self, label: str, kind: str, name: str, kill: bool = False) -> Deferred[str]:
+        """Stop new connections for a forward; its live streams finish unless ``kill``.
+
+        Fires once an oforward's listener has closed (the reactor closes it a
+        turn later), so its address may be listened on again at once.
+        """
         runtime = self._channel(label)
         channel = runtime.channel
+        closed: Any = None
         if kind == OFORWARD:
             if name not in runtime.oforwards:
                 raise ConfigError(f"channel {runtime.name!r} has no oforward {name!r}")
             del runtime.oforwards[name]
-            runtime.service.oforwards.pop(name).disownServiceParent()
+            closed = runtime.service.oforwards.pop(name).disownServiceParent()
             ours = True
         elif kind == IFORWARD:
             if name not in runtime.iforwards:
@@ -299,7 +304,7 @@ class Runtime(MultiService):
                 )
             client.stop()
             self.log.info("{label}: rforward {name!r} removed", label=runtime.name, name=name)
-            return f"rforward {name!r} removed from channel {runtime.name!r}"
+            return succeed(f"rforward {name!r} removed from channel {runtime.name!r}")
         else:
             raise ConfigError(f"unknown forward kind {kind!r}")
         if kill:
@@ -314,7 +319,10 @@ class Runtime(MultiService):
             name=name,
             outcome=outcome,
         )
-        return f"{kind} {name!r} removed from channel {runtime.name!r}; {outcome}"
+        message = f"{kind} {name!r} removed from channel {runtime.name!r}; {outcome}"
+        if isinstance(closed, Deferred):
+            return closed.addCallback(lambda _: message)
+        return succeed(message)
 
     # ----------------------------------------------------------------- views
 
@@ -475,8 +483,8 @@ class Runtime(MultiService):
 
                 attempt(restart)
             else:
-                for message in self._apply_forwards(self.channels[name], before, config, errors):
-                    changes.append(message)
+                applied = self._apply_forwards(self.channels[name], before, config, errors)
+                pending.append(applied.addCallback(changes.extend))
         self.from_file = {n: c for n, c in wanted.items()}
         self.policy.allow = tuple(
             {a.original: a for a in (*self._cli_allow(), *new.allow_remote_listen)}.values()
@@ -500,17 +508,28 @@ class Runtime(MultiService):
 
     def _apply_forwards(
         self, runtime: ChannelRuntime, before: DaemonConfig, after: DaemonConfig, errors: list[str]
-    ) -> list[str]:
-        """Apply forward-level differences of one channel, keeping live streams."""
+    ) -> Deferred[list[str]]:
+        """Apply forward-level differences of one channel, keeping live streams.
+
+        Forwards are added once the removed ones are gone: an oforward renamed
+        or changed on the same address can listen there only after the old
+        listener closed.
+        """
         messages: list[str] = []
+        removing: list[Deferred[Any]] = []
         label = runtime.name
 
-        def run(action: Callable[[], str]) -> None:
+        def run(action: Callable[[], str | Deferred[str]]) -> None:
             try:
-                messages.append(action())
+                result = action()
             except ConfigError as e:
                 errors.append(e.message)
                 self.log.error("reload: {error}", error=e.message)
+                return
+            if isinstance(result, Deferred):
+                removing.append(result.addCallback(messages.append))
+            else:
+                messages.append(result)
 
         # Removals first, rforwards before the iforwards they use.
         old_r = {r.address: r for r in before.rforwards}
@@ -527,14 +546,23 @@ class Runtime(MultiService):
             for name, spec in old.items():
                 if new.get(name) != spec:
                     run(partial(self.remove_forward, label, kind, name))
-            for name, spec in new.items():
-                if old.get(name) != spec:
-                    run(partial(self._add_parsed, runtime, kind, spec))
-        for address, rspec in new_r.items():
-            if old_r.get(address) != rspec:
-                run(partial(self._add_parsed, runtime, RFORWARD, rspec))
         runtime.config = after
-        return messages
+
+        def add(_: object) -> list[str]:
+            for kind, old_list, new_list in (
+                (OFORWARD, before.oforwards, after.oforwards),
+                (IFORWARD, before.iforwards, after.iforwards),
+            ):
+                old = {f.name: f for f in old_list}
+                for spec in new_list:
+                    if old.get(spec.name) != spec:
+                        run(partial(self._add_parsed, runtime, kind, spec))
+            for address, rspec in new_r.items():
+                if old_r.get(address) != rspec:
+                    run(partial(self._add_parsed, runtime, RFORWARD, rspec))
+            return messages
+
+        return DeferredList(removing, consumeErrors=True).addCallback(add)
 
 
 def _bare(config: DaemonConfig) -> DaemonConfig:

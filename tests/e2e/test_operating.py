@@ -189,7 +189,10 @@ def test_ctl_status_and_errors(pair, short_dir):
 
     proc = ctl(short_dir / "missing.sock", "status", ok=False)
     assert proc.returncode == 1
-    assert proc.stderr.startswith("virtproxy: error: cannot reach the control socket")
+    missing = short_dir / "missing.sock"
+    assert proc.stderr.strip() == (
+        f"virtproxy: error: cannot reach the control socket {missing}: No such file or directory"
+    ), proc.stderr
     proc = ctl(control, "frobnicate", ok=False)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
 
@@ -286,6 +289,18 @@ channel = "tcp-listen:{LOOPBACK}:{chan_a}"
     host.wait_for("reloaded", since=mark)
     assert [r["channel"] for r in ctl_json(control, "status")] == ["a"]
     echo_once(live, b"after the last reload")
+
+    # The same oforward with other options on the same port: it is removed and
+    # added again, which needs the old listener closed first.
+    _write(
+        conf,
+        base + f'oforwards = {{ echo = "=tcp:{port2}:interface={LOOPBACK}:backlog=32" }}\n',
+    )
+    reply = ctl(control, "reload").stdout
+    assert "removed" in reply and "added" in reply and "error" not in reply, reply
+    with connect(port2) as s:
+        echo_once(s, b"same port, new options")
+    echo_once(live, b"still here")
     assert host.alive()
     live.close()
 
