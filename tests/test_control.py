@@ -227,7 +227,9 @@ def test_reload_applies_the_diff(tmp_path: Any) -> None:
     )
     outcome: list[Any] = []
     rt.reload().addBoth(outcome.append)
-    (summary,) = outcome
+    (done,) = outcome
+    summary, errors = done.text, done.errors
+    assert errors == ()
     assert "oforward 'x:127.0.0.1:9201' added" in summary and "channel 'c' added" in summary
     assert "channel 'b' added (restarted: spec or limits changed)" in summary
     assert rt.channels["a"].channel is a and len(a.session.streams) == 1  # kept

@@ -144,7 +144,8 @@ class RemoveChannel(amp.Command):
 
 class Reload(amp.Command):
     arguments: ClassVar = []
-    response: ClassVar = [(b"message", amp.Unicode())]
+    #: failed: how many of the changes could not be made (the others were).
+    response: ClassVar = [(b"message", amp.Unicode()), (b"failed", amp.Integer(optional=True))]
     errors: ClassVar = {ControlError: b"CONTROL_ERROR"}
 
 
@@ -224,7 +225,7 @@ class ControlProtocol(amp.AMP):
     @Reload.responder
     def reload(self) -> Deferred[Any]:
         d = _refusal(self.runtime.reload)
-        return d.addCallback(lambda message: {"message": message})
+        return d.addCallback(lambda done: {"message": done.text, "failed": len(done.errors)})
 
 
 class ControlFactory(Factory):

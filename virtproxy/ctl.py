@@ -208,13 +208,17 @@ def run_ctl(options: CtlOptions) -> int:
         from virtproxy.control import ControlError
         from virtproxy.options import format_error
 
-        if result.check(ControlError) or result.check(_Unreachable):
+        if result.check(ControlError, _Unreachable, _Refused):
             message = str(result.value)
         else:
             message = f"{type(result.value).__name__}: {result.getErrorMessage()}"
         print(format_error(message), file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+class _Refused(Exception):
+    """The daemon answered, but did not do all that was asked (exit status 1)."""
 
 
 class _Unreachable(Exception):
@@ -298,10 +302,13 @@ async def _run(reactor: Any, options: CtlOptions) -> None:
             answer = await proto.callRemote(c.Reload)
         else:  # pragma: no cover - usage.Options rejects unknown verbs
             raise usage.UsageError(f"unknown verb {verb!r}")
+        failed = answer.get("failed") or 0
         if options.as_json:
-            print(json.dumps({"ok": True, "message": answer["message"]}))
+            print(json.dumps({"ok": not failed, "message": answer["message"]}))
         else:
             print(answer["message"])
+        if failed:
+            raise _Refused(f"reload: {failed} of the changes failed; the others were made")
     finally:
         proto.transport.loseConnection()
 

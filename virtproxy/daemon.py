@@ -17,7 +17,7 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -32,6 +32,17 @@ from virtproxy.session import State
 #: Kinds of forward, as ctl and the config file name them.
 OFORWARD, IFORWARD, RFORWARD = "oforward", "iforward", "rforward"
 FORWARD_KINDS = (OFORWARD, IFORWARD, RFORWARD)
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """What a reload did: the summary it logs, and the changes that failed."""
+
+    text: str
+    errors: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass
@@ -431,7 +442,7 @@ class Runtime(MultiService):
 
     # ----------------------------------------------------------------- reload
 
-    def reload(self) -> Deferred[str]:
+    def reload(self) -> Deferred[Reloaded]:
         """Re-read the config file and apply the differences (SIGHUP, ``ctl reload``)."""
         path = self.process.config_file
         if path is None:
@@ -494,12 +505,12 @@ class Runtime(MultiService):
         if new.metrics != self.process.metrics and new.metrics is not None:
             errors.append("metrics: a new metrics endpoint takes effect after a restart")
 
-        def summary(_: object) -> str:
+        def summary(_: object) -> Reloaded:
             text = "; ".join(changes) or "no changes"
             if errors:
                 text += f"; {len(errors)} errors: " + "; ".join(errors)
             self.log.info("reloaded {path}: {summary}", path=path, summary=text)
-            return text
+            return Reloaded(text, tuple(errors))
 
         return DeferredList(pending, consumeErrors=True).addCallback(summary)
 
@@ -570,10 +581,9 @@ def _bare(config: DaemonConfig) -> DaemonConfig:
     return replace(config, oforwards=(), iforwards=(), rforwards=())
 
 
-def _failed(message: str) -> Deferred[str]:
-    d: Deferred[str] = Deferred()
-    d.errback(ConfigError(message))
-    return d
+def _failed(message: str) -> Deferred[Any]:
+    """A Deferred that has failed with ConfigError(message)."""
+    return fail(ConfigError(message))
 
 
 def _listening_on(listener: ListenService | None) -> str:

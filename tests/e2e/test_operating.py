@@ -301,6 +301,24 @@ channel = "tcp-listen:{LOOPBACK}:{chan_a}"
     with connect(port2) as s:
         echo_once(s, b"same port, new options")
     echo_once(live, b"still here")
+
+    # A reload that cannot make every change makes the others and says so:
+    # the summary on stdout, one error line, exit status 1.
+    with socket.create_server((LOOPBACK, 0)) as held:
+        busy = held.getsockname()[1]
+        _write(
+            conf,
+            base
+            + f'oforwards = {{ echo = "=tcp:{port2}:interface={LOOPBACK}:backlog=32", '
+            + f'busy = "{LOOPBACK}:{busy}", more = "{LOOPBACK}:{port1}" }}\n',
+        )
+        proc = ctl(control, "reload", ok=False)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Address already in use" in proc.stdout and "'more:" in proc.stdout, proc.stdout
+    assert proc.stderr.strip() == (
+        "virtproxy: error: reload: 1 of the changes failed; the others were made"
+    ), proc.stderr
+    assert not refused(port1)  # the change that could be made was
     assert host.alive()
     live.close()
 
