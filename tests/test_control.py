@@ -253,3 +253,24 @@ def test_reload_applies_the_diff(tmp_path: Any) -> None:
     assert signal.getsignal(signal.SIGHUP) is not before
     rt.stopService()
     assert signal.getsignal(signal.SIGHUP) is before  # the process's handler is back
+
+
+def test_a_reload_counts_a_restarted_channel_that_cannot_listen_again(tmp_path: Any) -> None:
+    conf = tmp_path / "vp.toml"
+    conf.write_text("[channels.a]\nchannel = 'tcp-listen:127.0.0.1:7301'\n")
+    rt, reactor = runtime("--config", str(conf))
+    conf.write_text("[channels.a]\nchannel = 'tcp-listen:127.0.0.1:7302'\n")
+
+    def refuse(*args: Any, **kw: Any) -> Any:
+        from twisted.internet.error import CannotListenError
+
+        raise CannotListenError("127.0.0.1", 7302, OSError(98, "Address already in use"))
+
+    # The restart removes channel a, then its new listener fails: a change
+    # that fails after the reload began, not at once.
+    reactor.listenTCP = refuse  # type: ignore[method-assign]
+    answer = call(rt, c.Reload)
+    assert answer["failed"] == 1, answer
+    assert "Address already in use" in answer["message"] and "1 errors" in answer["message"]
+    assert "a" not in rt.channels
+    rt.stopService()

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from virtproxy.channel import Channel
 from virtproxy.config import DaemonConfig, ForwardSpec, ProcessConfig, RemoteForwardSpec
@@ -467,8 +468,9 @@ class Runtime(MultiService):
                 self.log.error("reload: {error}", error=e.message)
                 return
             if isinstance(result, Deferred):
-                pending.append(result)
-                result.addCallback(changes.append)
+                pending.append(
+                    result.addCallbacks(changes.append, partial(self._reload_error, errors))
+                )
             elif isinstance(result, str):
                 changes.append(result)
 
@@ -514,6 +516,18 @@ class Runtime(MultiService):
 
         return DeferredList(pending, consumeErrors=True).addCallback(summary)
 
+    def _reload_error(self, errors: list[str], failure: Failure) -> None:
+        """A change of a reload failed later (a restarted channel that cannot
+        listen again): counted and logged like one that failed at once."""
+        error = failure.value
+        if isinstance(error, (ConfigError, StartupError)):
+            message = error.message
+        else:
+            message = f"{type(error).__name__}: {failure.getErrorMessage()}"
+            self.log.failure("reload: unexpected error", failure)
+        errors.append(message)
+        self.log.error("reload: {error}", error=message)
+
     def _cli_allow(self) -> tuple[Any, ...]:
         return self.process.cli_allow
 
@@ -538,7 +552,9 @@ class Runtime(MultiService):
                 self.log.error("reload: {error}", error=e.message)
                 return
             if isinstance(result, Deferred):
-                removing.append(result.addCallback(messages.append))
+                removing.append(
+                    result.addCallbacks(messages.append, partial(self._reload_error, errors))
+                )
             else:
                 messages.append(result)
 
