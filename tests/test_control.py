@@ -255,7 +255,7 @@ def test_reload_applies_the_diff(tmp_path: Any) -> None:
     assert signal.getsignal(signal.SIGHUP) is before  # the process's handler is back
 
 
-def test_a_reload_counts_a_restarted_channel_that_cannot_listen_again(tmp_path: Any) -> None:
+def test_a_restart_that_cannot_listen_is_counted_and_rolled_back(tmp_path: Any) -> None:
     conf = tmp_path / "vp.toml"
     conf.write_text("[channels.a]\nchannel = 'tcp-listen:127.0.0.1:7301'\n")
     rt, reactor = runtime("--config", str(conf))
@@ -267,10 +267,22 @@ def test_a_reload_counts_a_restarted_channel_that_cannot_listen_again(tmp_path: 
         raise CannotListenError("127.0.0.1", 7302, OSError(98, "Address already in use"))
 
     # The restart removes channel a, then its new listener fails: a change
-    # that fails after the reload began, not at once.
-    reactor.listenTCP = refuse  # type: ignore[method-assign]
+    # that fails after the reload began, not at once.  The previous spec
+    # starts again rather than leave the channel gone.
+    listen = reactor.listenTCP
+    reactor.listenTCP = lambda port, *a, **kw: (  # type: ignore[method-assign]
+        refuse() if port == 7302 else listen(port, *a, **kw)
+    )
     answer = call(rt, c.Reload)
     assert answer["failed"] == 1, answer
     assert "Address already in use" in answer["message"] and "1 errors" in answer["message"]
+    assert "channel 'a' runs its previous spec again" in answer["message"]
+    assert rt.channels["a"].config.channel.original == "tcp-listen:127.0.0.1:7301"
+
+    # And if the previous spec cannot start either, the answer says the channel is down.
+    conf.write_text("[channels.a]\nchannel = 'tcp-listen:127.0.0.1:7303'\n")
+    reactor.listenTCP = refuse  # type: ignore[method-assign]
+    answer = call(rt, c.Reload)
+    assert answer["failed"] == 1 and "channel 'a' is down" in answer["message"], answer
     assert "a" not in rt.channels
     rt.stopService()

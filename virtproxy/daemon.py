@@ -488,13 +488,7 @@ class Runtime(MultiService):
                 attempt(partial(self.add_channel, config))
             elif _bare(before) != _bare(config) or name not in self.channels:
                 # A new spec or new limits need a new session: restart the channel.
-                def restart(name: str = name, config: DaemonConfig = config) -> Deferred[str]:
-                    d = self.remove_channel(name) if name in self.channels else succeed("")
-                    return d.addCallback(
-                        lambda _: self.add_channel(config) + " (restarted: spec or limits changed)"
-                    )
-
-                attempt(restart)
+                attempt(partial(self._restart_channel, name, config))
             else:
                 applied = self._apply_forwards(self.channels[name], before, config, errors)
                 pending.append(applied.addCallback(changes.extend))
@@ -515,6 +509,33 @@ class Runtime(MultiService):
             return Reloaded(text, tuple(errors))
 
         return DeferredList(pending, consumeErrors=True).addCallback(summary)
+
+    def _restart_channel(self, name: str, config: DaemonConfig) -> Deferred[str]:
+        """Replace channel ``name`` with ``config``; if that cannot start (its
+        address is in use), start the previous one again rather than leave
+        the channel gone."""
+        running = self.channels.get(name)
+        previous = running.config if running is not None else None
+        d = self.remove_channel(name) if running is not None else succeed("")
+
+        def start(_: object) -> str:
+            try:
+                return self.add_channel(config) + " (restarted: spec or limits changed)"
+            except (ConfigError, StartupError) as e:
+                if previous is None:
+                    raise
+                try:
+                    self.add_channel(previous)
+                except (ConfigError, StartupError) as again:
+                    raise ConfigError(
+                        f"{e.message}; channel {name!r} is down: its previous spec did not"
+                        f" start again either: {again.message}"
+                    ) from None
+                raise ConfigError(
+                    f"{e.message}; channel {name!r} runs its previous spec again"
+                ) from None
+
+        return d.addCallback(start)
 
     def _reload_error(self, errors: list[str], failure: Failure) -> None:
         """A change of a reload failed later (a restarted channel that cannot
