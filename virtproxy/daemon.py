@@ -463,9 +463,8 @@ class Runtime(MultiService):
         def attempt(what: Callable[[], Any]) -> None:
             try:
                 result = what()
-            except ConfigError as e:
-                errors.append(e.message)
-                self.log.error("reload: {error}", error=e.message)
+            except ConfigError:
+                self._reload_error(errors, Failure())
                 return
             if isinstance(result, Deferred):
                 pending.append(
@@ -538,8 +537,8 @@ class Runtime(MultiService):
         return d.addCallback(start)
 
     def _reload_error(self, errors: list[str], failure: Failure) -> None:
-        """A change of a reload failed later (a restarted channel that cannot
-        listen again): counted and logged like one that failed at once."""
+        """A change of a reload failed, at once or later (a restarted channel
+        that cannot listen again): counted in ``errors`` and logged."""
         error = failure.value
         if isinstance(error, (ConfigError, StartupError)):
             message = error.message
@@ -568,9 +567,8 @@ class Runtime(MultiService):
         def run(action: Callable[[], str | Deferred[str]]) -> None:
             try:
                 result = action()
-            except ConfigError as e:
-                errors.append(e.message)
-                self.log.error("reload: {error}", error=e.message)
+            except ConfigError:
+                self._reload_error(errors, Failure())
                 return
             if isinstance(result, Deferred):
                 removing.append(
@@ -585,25 +583,23 @@ class Runtime(MultiService):
         for address, rspec in old_r.items():
             if new_r.get(address) != rspec and address in runtime.rforwards:
                 run(partial(self.remove_forward, label, RFORWARD, address))
-        for kind, old_list, new_list in (
-            (OFORWARD, before.oforwards, after.oforwards),
-            (IFORWARD, before.iforwards, after.iforwards),
-        ):
-            old = {f.name: f for f in old_list}
-            new = {f.name: f for f in new_list}
+        by_kind = [
+            (kind, {f.name: f for f in old_list}, {f.name: f for f in new_list})
+            for kind, old_list, new_list in (
+                (OFORWARD, before.oforwards, after.oforwards),
+                (IFORWARD, before.iforwards, after.iforwards),
+            )
+        ]
+        for kind, old, new in by_kind:
             for name, spec in old.items():
                 if new.get(name) != spec:
                     run(partial(self.remove_forward, label, kind, name))
         runtime.config = after
 
         def add(_: object) -> list[str]:
-            for kind, old_list, new_list in (
-                (OFORWARD, before.oforwards, after.oforwards),
-                (IFORWARD, before.iforwards, after.iforwards),
-            ):
-                old = {f.name: f for f in old_list}
-                for spec in new_list:
-                    if old.get(spec.name) != spec:
+            for kind, old, new in by_kind:
+                for name, spec in new.items():
+                    if old.get(name) != spec:
                         run(partial(self._add_parsed, runtime, kind, spec))
             for address, rspec in new_r.items():
                 if old_r.get(address) != rspec:
