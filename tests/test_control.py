@@ -7,6 +7,7 @@ import signal
 from typing import Any
 
 import pytest
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols import amp
 from twisted.python import usage
@@ -29,6 +30,11 @@ def runtime(*argv: str) -> tuple[Runtime, MemoryReactorClock]:
     rt = Runtime(options.process, reactor)
     rt.startService()
     return rt, reactor
+
+
+def address_in_use(port: int, *args: Any, **kw: Any) -> Any:
+    """A reactor's listenTCP for a port someone else holds."""
+    raise CannotListenError("127.0.0.1", port, OSError(98, "Address already in use"))
 
 
 def call(rt: Runtime, command: type[amp.Command], **kw: Any) -> Any:
@@ -101,12 +107,7 @@ def test_an_address_in_use_is_refused_and_changes_nothing() -> None:
     call(rt, c.AddForward, channel="vm1", kind="oforward", spec="a:127.0.0.1:9000")
     before = len(list(rt.channels["vm1"].service))
 
-    def refuse(*args: Any, **kw: Any) -> Any:
-        from twisted.internet.error import CannotListenError
-
-        raise CannotListenError("127.0.0.1", 9001, OSError(98, "Address already in use"))
-
-    reactor.listenTCP = refuse  # type: ignore[method-assign]
+    reactor.listenTCP = address_in_use  # type: ignore[method-assign]
     result = call(rt, c.AddForward, channel="vm1", kind="oforward", spec="b:127.0.0.1:9001")
     assert isinstance(result, Failure) and "Address already in use" in str(result.value)
     assert len(list(rt.channels["vm1"].service)) == before
@@ -261,17 +262,12 @@ def test_a_restart_that_cannot_listen_is_counted_and_rolled_back(tmp_path: Any) 
     rt, reactor = runtime("--config", str(conf))
     conf.write_text("[channels.a]\nchannel = 'tcp-listen:127.0.0.1:7302'\n")
 
-    def refuse(*args: Any, **kw: Any) -> Any:
-        from twisted.internet.error import CannotListenError
-
-        raise CannotListenError("127.0.0.1", 7302, OSError(98, "Address already in use"))
-
     # The restart removes channel a, then its new listener fails: a change
     # that fails after the reload began, not at once.  The previous spec
     # starts again rather than leave the channel gone.
     listen = reactor.listenTCP
     reactor.listenTCP = lambda port, *a, **kw: (  # type: ignore[method-assign]
-        refuse() if port == 7302 else listen(port, *a, **kw)
+        address_in_use(port) if port == 7302 else listen(port, *a, **kw)
     )
     answer = call(rt, c.Reload)
     assert answer["failed"] == 1, answer
@@ -281,7 +277,7 @@ def test_a_restart_that_cannot_listen_is_counted_and_rolled_back(tmp_path: Any) 
 
     # And if the previous spec cannot start either, the answer says the channel is down.
     conf.write_text("[channels.a]\nchannel = 'tcp-listen:127.0.0.1:7303'\n")
-    reactor.listenTCP = refuse  # type: ignore[method-assign]
+    reactor.listenTCP = address_in_use  # type: ignore[method-assign]
     answer = call(rt, c.Reload)
     assert answer["failed"] == 1 and "channel 'a' is down" in answer["message"], answer
     assert "a" not in rt.channels
