@@ -14,8 +14,12 @@ any chunking it must:
   themselves, with payloads within ``max_payload`` (and damage reports whose
   claimed length is within it too).
 
-The first input bytes choose ``max_payload``, ``header_crc_ok`` and, between
-chunks, how far time moves (so ``expire`` runs on truncated frames).
+With ``bulk_ok`` a BULK frame's raw bytes come out as RAW pieces of its
+stream, never more than it announced, and nothing is buffered meanwhile.
+
+The first input bytes choose ``max_payload``, ``header_crc_ok``, ``bulk_ok``
+and, between chunks, how far time moves (so ``expire`` runs on truncated
+frames).
 ``check(data)`` is plain Python: tests/test_fuzz_targets.py runs it without
 atheris.
 """
@@ -33,22 +37,25 @@ from fuzzkit import Reader, instrumented_imports, run  # noqa: E402
 
 with instrumented_imports():
     from virtproxy.frames import (
+        BULK_TYPE,
         FRAME_OVERHEAD,
         LINK_DATA_TYPE,
         LINK_SLACK,
         MAX_PAYLOAD,
         MIN_MAX_FRAME,
+        RAW_TYPE,
         Damage,
         Frame,
         FrameDecoder,
         FrameType,
+        bulk_count,
         encode_frame,
     )
 
 
 #: Every frame type, two unknown ones, and the link layer's (whose LINK_DATA
 #: may exceed max_payload by LINK_SLACK).
-FRAME_TYPES = [int(t) for t in FrameType] + [0x00, 0x17, 0x22, 0xFF]
+FRAME_TYPES = [int(t) for t in FrameType] + [0x00, 0x18, 0x22, 0xFF]
 
 
 def make_chunk(reader: Reader, size: int, max_payload: int) -> bytes:
@@ -65,7 +72,9 @@ def make_chunk(reader: Reader, size: int, max_payload: int) -> bytes:
     flags = reader.byte() & 0x03 if mode & 2 else 0
     header = reader.take(5).ljust(5, b"\0")
     payload = reader.take(size)
-    if mode & 16:  # past max_payload: only LINK_DATA may be, and by LINK_SLACK at most
+    if ftype == BULK_TYPE and mode & 32:  # a count that the input can cover
+        payload = (reader.byte() * 7 + 1).to_bytes(4, "big")
+    elif mode & 16:  # past max_payload: only LINK_DATA may be, and by LINK_SLACK at most
         want = min(MAX_PAYLOAD, max_payload + reader.byte() % (LINK_SLACK + 8))
         payload = (payload + bytes(want))[:want]
     frame = bytearray(
@@ -91,8 +100,11 @@ def check(data: bytes) -> None:
     first = reader.byte()
     # Small limits reach the "length too big" paths; 0xFF picks the wire maximum.
     max_payload = MAX_PAYLOAD if first == 0xFF else MIN_MAX_FRAME + first * 4
-    header_crc_ok = bool(reader.byte() & 1)
+    options = reader.byte()
+    header_crc_ok = bool(options & 1)
     decoder = FrameDecoder(max_payload, header_crc_ok)
+    decoder.bulk_ok = bool(options & 2)
+    raw_due = 0  # raw bytes the last BULK frame announced and not yet handed out
     bound = max_payload + LINK_SLACK + FRAME_OVERHEAD
     fed = accepted = frames = 0
     now = 0.0
@@ -105,8 +117,16 @@ def check(data: bytes) -> None:
         if control >> 6 == 3:
             items += decoder.expire(now + 30.0)
         for item in items:
+            if isinstance(item, Frame) and item.type == RAW_TYPE:
+                assert decoder.bulk_ok and 0 < len(item.payload) <= raw_due, (raw_due, item)
+                raw_due -= len(item.payload)
+                accepted += len(item.payload)
+                continue
+            assert not raw_due, raw_due  # no frame inside a BULK frame's raw bytes
             if isinstance(item, Frame):
                 frames += 1
+                if item.type == BULK_TYPE and decoder.bulk_ok:
+                    raw_due = bulk_count(item.payload)
                 limit = max_payload + (LINK_SLACK if item.type == LINK_DATA_TYPE else 0)
                 assert len(item.payload) <= limit, (item.type, len(item.payload))
                 accepted += FRAME_OVERHEAD + len(item.payload)
@@ -115,6 +135,8 @@ def check(data: bytes) -> None:
                 assert isinstance(item, Damage), item
                 assert item.length <= max_payload + LINK_SLACK
         assert decoder.buffered < bound, (decoder.buffered, bound)
+        assert decoder.raw_left == raw_due, (decoder.raw_left, raw_due)
+        assert not (raw_due and decoder.buffered), decoder.buffered
         assert fed == decoder.discarded + accepted + decoder.buffered, (
             fed,
             decoder.discarded,

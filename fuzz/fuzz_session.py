@@ -63,6 +63,9 @@ CONFIGS = {
         keepalive_interval=5.0,
         keepalive_timeout=20.0,
         link=link,
+        # As on a socket channel: BULK frames (0x17) and their raw bytes too.
+        header_crc=link == "off",
+        bulk=link == "off",
     )
     for link in ("auto", "off")
 }

@@ -98,6 +98,16 @@ GOLDEN: list[tuple[str, int, int, bytes, int, int, str]] = [
         0,
         "a55c0116000a800000010001ca34083a05f475",
     ),
+    # 5 raw bytes of stream 0x80000001 follow this frame (docs/protocol.rst, "Bulk data").
+    (
+        "BULK",
+        0x17,
+        0x80000001,
+        struct.pack(">I", 5),
+        11,
+        0,
+        "a55c0117000b800000010004c9d300000005322a3b6e",
+    ),
     # Link reliability (docs/protocol.rst, "Link reliability"): seq is always 0.
     # Chunk 5 of epoch 0x11223344 carrying "hi"; an ACK of everything before
     # chunk 6, holding 7 and 9, with the NAK flag (chunk 6 arrived damaged).

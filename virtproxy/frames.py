@@ -49,6 +49,9 @@ FLAG_HEADER_CRC = 0x02
 CAP_HEADER_CRC = 0x01
 #: HELLO capability: "I accept DATA and EOF right after OPEN, before my OPEN_OK".
 CAP_EARLY_DATA = 0x02
+#: HELLO capability: "my channel is a kernel-checksummed socket; I accept BULK
+#: frames" (docs/protocol.rst, "Bulk data").
+CAP_BULK = 0x04
 
 #: Bit 31 of a stream id on the wire: set when the frame's sender opened the stream.
 OPENER_BIT = 0x80000000
@@ -67,11 +70,22 @@ class FrameType(IntEnum):
     WINDOW = 0x14
     EOF = 0x15
     RESET = 0x16
+    BULK = 0x17
     LINK_DATA = 0x20
     LINK_ACK = 0x21
 
 
 DATA_TYPE = int(FrameType.DATA)
+BULK_TYPE = int(FrameType.BULK)
+#: Not a wire type: a piece of the raw stream data that follows a BULK frame,
+#: as the decoder hands it out (a :class:`Frame` with no ``seq`` of its own).
+RAW_TYPE = 0x100
+#: A BULK frame's payload: how many raw bytes follow it.
+_BULK_COUNT = struct.Struct(">I")
+#: A BULK frame's whole size on the wire (the raw bytes come on top).
+BULK_FRAME_SIZE = FRAME_OVERHEAD + _BULK_COUNT.size
+#: The most raw bytes one BULK frame may announce (a stream's window caps it further).
+MAX_BULK = 0x7FFFFFFF
 LINK_DATA_TYPE = int(FrameType.LINK_DATA)
 #: Frames of the link-reliability layer (virtproxy/link.py), below the session.
 LINK_FRAME_TYPES = frozenset({FrameType.LINK_DATA, FrameType.LINK_ACK})
@@ -167,6 +181,21 @@ def encode_into(
     return FRAME_OVERHEAD + len(payload)
 
 
+def encode_bulk(stream: int, count: int, seq: int) -> bytes:
+    """A BULK frame announcing ``count`` raw bytes of ``stream`` right behind it."""
+    if not 1 <= count <= MAX_BULK:
+        raise ValueError(f"a BULK frame announces 1..{MAX_BULK} bytes, not {count}")
+    return encode_frame(BULK_TYPE, stream, _BULK_COUNT.pack(count), seq)
+
+
+def bulk_count(payload: bytes | memoryview) -> int:
+    """The raw byte count a BULK payload announces (0: a malformed payload)."""
+    if len(payload) != _BULK_COUNT.size:
+        return 0
+    (count,) = _BULK_COUNT.unpack(payload)
+    return count if count <= MAX_BULK else 0
+
+
 def encode_frame(
     ftype: int, stream: int, payload: bytes = b"", seq: int = 0, flags: int = 0
 ) -> bytes:
@@ -195,6 +224,13 @@ class FrameDecoder:
         self.only_types: frozenset[int] | None = None
         #: Accept DATA frames whose CRC covers the header only (FLAG_HEADER_CRC).
         self.header_crc_ok = header_crc_ok
+        #: Take the raw bytes behind a BULK frame (we offered CAP_BULK).  If
+        #: not, a BULK frame is handed out like any other and the bytes behind
+        #: it are decoded as frames (garbage, skipped).
+        self.bulk_ok = False
+        #: Raw bytes of a BULK frame still to come, and the wire id they belong to.
+        self.raw_left = 0
+        self.raw_stream = 0
         #: Frames accepted.
         self.frames = 0
         #: Frames with a valid header but a bad CRC.
@@ -214,6 +250,14 @@ class FrameDecoder:
         self._buffer.clear()
         self._in_sync = True
         self._waiting_since = None
+        self.raw_left = 0
+
+    def take_raw(self, count: int) -> None:
+        """``count`` raw bytes of the current BULK frame were read past the
+        decoder (spliced straight to their socket); only with nothing buffered."""
+        if not 0 < count <= self.raw_left or self._buffer:
+            raise ValueError(f"cannot take {count} of {self.raw_left} raw bytes here")
+        self.raw_left -= count
 
     def stall_deadline(self) -> float | None:
         """When a partial frame at the head of the buffer counts as truncated.
@@ -256,6 +300,8 @@ class FrameDecoder:
         results: list[Frame | Damage] = []
         start = 0
         view = memoryview(data)
+        if self.raw_left:
+            start = self._raw_piece(view, 0, results)
         while buf and start < len(data):
             # Top the buffer up with just the bytes its head frame still needs
             # (its header first), then go on in ``data`` itself.
@@ -266,6 +312,8 @@ class FrameDecoder:
             buf += taken
             start += len(taken)
             results += self._decode(buf, 0, now, copy=True)
+            if self.raw_left:
+                start = self._raw_piece(view, start, results)
         if start >= len(data):
             return results
         if buf:
@@ -275,9 +323,20 @@ class FrameDecoder:
         results += self._decode(data, start, now, copy=False)
         return results
 
+    def _raw_piece(self, view: memoryview, start: int, results: list[Frame | Damage]) -> int:
+        """Hand out the raw bytes of a BULK frame at ``view[start:]`` (the
+        buffer is empty meanwhile); return where the frames after them start."""
+        take = min(self.raw_left, len(view) - start)
+        if take:
+            self.raw_left -= take
+            results.append(Frame(RAW_TYPE, self.raw_stream, view[start : start + take]))
+        return start + take
+
     def _head_needs(self) -> int:
         """How many more bytes the frame at the head of the buffer needs (0: unknown)."""
         buf = self._buffer
+        if self.raw_left:
+            return 0
         if len(buf) < HEADER_SIZE:
             return HEADER_SIZE - len(buf) if buf[:2] == SYNC[: len(buf)] else 0
         if buf[0] != 0xA5 or buf[1] != 0x5C:
@@ -349,6 +408,27 @@ class FrameDecoder:
                     payload = bytes(view[pos + HEADER_SIZE : end])
                 results.append(Frame(ftype, stream, payload, seq, flags))
                 pos = end + TRAILER_SIZE
+                if ftype == BULK_TYPE and self.bulk_ok:
+                    count = bulk_count(payload)
+                    if count:
+                        # Its raw bytes follow: all of them are the stream's data.
+                        take = min(count, size - pos)
+                        if take:
+                            # Unnamed, like payload above: a live view would stop ``del buf``.
+                            results.append(
+                                Frame(
+                                    RAW_TYPE,
+                                    stream,
+                                    bytes(view[pos : pos + take])
+                                    if copy
+                                    else view[pos : pos + take],
+                                )
+                            )
+                            pos += take
+                        if take < count:
+                            self.raw_left = count - take
+                            self.raw_stream = stream
+                            break
             if pos < size and (source[pos] != 0xA5 or (size - pos > 1 and source[pos + 1] != 0x5C)):
                 pos = self._skip(source, pos, pos, size)  # a tail that cannot start a frame
         finally:

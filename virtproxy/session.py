@@ -24,6 +24,8 @@ from heapq import heappop, heappush
 
 from virtproxy import events as ev
 from virtproxy.frames import (
+    BULK_TYPE,
+    CAP_BULK,
     CAP_EARLY_DATA,
     CAP_HEADER_CRC,
     FLAG_HEADER_CRC,
@@ -32,13 +34,16 @@ from virtproxy.frames import (
     MAX_STREAM_NUMBER,
     MIN_MAX_FRAME,
     OPENER_BIT,
+    RAW_TYPE,
     SESSION_FRAME_TYPES,
     Damage,
     Frame,
     FrameDecoder,
     FrameType,
     Reason,
+    bulk_count,
     describe_reason,
+    encode_bulk,
     encode_into,
 )
 from virtproxy.link import LinkStats, ReliableLink, chunk_size
@@ -56,6 +61,9 @@ FLIGHT_MIN = 2048
 #: Before the first rate sample: small, since a slow line fills its hidden
 #: buffers at once; a fast link outgrows it in a few round trips.
 FLIGHT_INITIAL = 2 * FLIGHT_MIN
+#: Fewer raw bytes than this go as DATA frames: a BULK frame saves little
+#: below it, and takes a turn of its own.
+BULK_MIN = 64 * 1024
 #: Re-probe if a probe PING went unanswered this long.
 PROBE_TIMEOUT = 1.0
 #: A stream with at most this many bytes queued (keystrokes, requests) may send
@@ -111,6 +119,9 @@ class SessionConfig:
     #: The channel is a kernel-checksummed socket (TCP, UNIX): offer and use
     #: header-only checks on DATA (docs/protocol.rst, "Header-only checks").
     header_crc: bool = False
+    #: The channel is such a socket and our owner can take and send BULK
+    #: frames' raw bytes (docs/protocol.rst, "Bulk data"): offer CAP_BULK.
+    bulk: bool = False
     #: Bytes queued on one stream (unsent) above which ``send`` asks the caller
     #: to stop reading its local socket.
     send_high_water: int = 256 * 1024
@@ -245,6 +256,9 @@ class Stats(LinkStats):
     protocol_errors: int = 0
     keepalive_timeouts: int = 0
     limit_hits: int = 0
+    #: Stream bytes sent and received as BULK frames' raw bytes (not DATA).
+    bulk_bytes_out: int = 0
+    bulk_bytes_in: int = 0
 
 
 def _new_session_id() -> int:
@@ -273,6 +287,15 @@ class Session:
         self.link: ReliableLink | None = None
         #: Decodes the session frames the link layer delivers.
         self._inner = FrameDecoder(self.config.max_frame, self.config.header_crc)
+        #: We offer BULK frames (never with the link on: it cuts the byte
+        #: stream into chunks), and we may send them (the peer offered too).
+        self._bulk_offered = self.config.bulk and self.config.link != "on"
+        self._decoder.bulk_ok = self._inner.bulk_ok = self._bulk_offered
+        self._bulk_out = False
+        #: The last bytes received held a BULK frame or its raw bytes.
+        self.bulk_arrived = False
+        #: The stream the current BULK frame's raw bytes go to (None: dropped).
+        self._raw_target: Stream | None = None
         self._link_refused = False
         self._plain_hellos = 0
         self._now = 0.0
@@ -414,8 +437,12 @@ class Session:
         self._queue_reason(FrameType.OPEN_FAIL, stream_id ^ OPENER_BIT, reason, message)
         self._drop(stream)
 
-    def send(self, stream_id: int, data: bytes) -> bool:
-        """Queue ``data`` for the stream.  False means: stop reading, you'll get StreamWritable."""
+    def send(self, stream_id: int, data: bytes, hold: bool = False) -> bool:
+        """Queue ``data`` for the stream.  False means: stop reading, you'll get StreamWritable.
+
+        ``hold``: stop reading anyway, until these bytes went out (a bulk
+        stream waits for its turn to send a BULK frame, see :meth:`bulk_room`).
+        """
         stream = self.streams.get(stream_id)
         if stream is None or stream.eof_pending or not data:
             return stream is not None and not stream.blocked
@@ -423,7 +450,7 @@ class Session:
         stream.queued += len(data)
         if (stream.state is StreamState.OPEN or stream.early) and stream.send_credit > 0:
             self._mark_ready(stream)
-        if stream.queued >= self.config.send_high_water:
+        if hold or stream.queued >= self.config.send_high_water:
             stream.blocked = True
             return False
         return True
@@ -549,6 +576,7 @@ class Session:
 
     def receive_data(self, data: bytes, now: float) -> None:
         """Bytes from the channel."""
+        self.bulk_arrived = self._decoder.raw_left > 0
         self.stats.bytes_in += len(data)
         self._now = now
         self._handle_decoded(self._decoder.feed(data, now), now)
@@ -561,6 +589,12 @@ class Session:
         stats.resyncs = decoder.resyncs + self._inner.resyncs
         stats.discarded_bytes = decoder.discarded + self._inner.discarded
         for item in items:
+            if item.type == RAW_TYPE:
+                self._on_raw(item)  # type: ignore[arg-type]
+                continue
+            if item.type == BULK_TYPE:
+                self._raw_target = None  # until the session accepts the frame
+                self.bulk_arrived = True
             if item.type in LINK_FRAME_TYPES:
                 if inner:
                     stats.protocol_errors += 1  # a link frame inside the link: nonsense
@@ -759,6 +793,7 @@ class Session:
             self._session_recv_credit = self.config.session_window
             self._session_unacked = 0
             self._peer_early = bool(caps & CAP_EARLY_DATA)
+            self._bulk_out = self._bulk_offered and bool(caps & CAP_BULK)
             both = self.config.header_crc and caps & CAP_HEADER_CRC
             self._data_flags = FLAG_HEADER_CRC if both else 0
         if seen == self.session_id and self.state is not State.UP:
@@ -891,16 +926,17 @@ class Session:
         self._events.append(ev.StreamRequested(key, stream.service))
 
     def _on_unknown_stream(self, frame: Frame, key: int) -> None:
-        if frame.type == FrameType.DATA:
-            self._data_received += len(frame.payload)  # it still crossed the line
-            if self._take_session_credit(len(frame.payload)):
-                self._credit_session(len(frame.payload))  # dropped: delivered, as it were
+        is_data = frame.type == _DATA_TYPE or frame.type == BULK_TYPE
+        size = len(frame.payload) if frame.type == _DATA_TYPE else bulk_count(frame.payload)
+        if is_data:
+            self._data_received += size  # it still crossed the line
+            if self._take_session_credit(size):
+                self._credit_session(size)  # dropped: delivered, as it were
         credit = self._recent_resets.get(key)
         if credit is not None:
             # In flight when we ended (or refused) it, early DATA of a refused
             # OPEN included: dropped, but only up to the credit the peer had.
-            if frame.type == FrameType.DATA:
-                size = len(frame.payload)
+            if is_data:
                 if size > credit:
                     self._protocol_error(frame, "DATA beyond the granted window")
                 self._recent_resets[key] = max(0, credit - size)
@@ -927,7 +963,12 @@ class Session:
         self._events.append(ev.StreamRejected(stream.key, reason, message))
 
     def _on_data(self, frame: Frame, stream: Stream) -> None:
-        size = len(frame.payload)
+        if self._take_data(stream, len(frame.payload)):
+            self._events.append(ev.DataReceived(stream.key, frame.payload))
+
+    def _take_data(self, stream: Stream, size: int) -> bool:
+        """Account for ``size`` bytes of the peer's DATA (or BULK) on ``stream``;
+        False if they broke the rules (the stream is reset) or the session."""
         self._data_received += size
         if (
             not (stream.state is _OPEN or (stream.early and not stream.ours))
@@ -935,16 +976,56 @@ class Session:
             or not size
         ):
             self._stream_protocol_error(stream, "DATA in the wrong state")
-            return
+            return False
         if size > stream.recv_credit:
             self._stream_protocol_error(stream, "DATA beyond the granted window")
-            return
+            return False
         if not self._take_session_credit(size):
-            return
+            return False
         stream.unconsumed += size
         stream.recv_credit -= size
         stream.bytes_received += size
-        self._events.append(ev.DataReceived(stream.key, frame.payload))
+        return True
+
+    def _on_bulk(self, frame: Frame, stream: Stream) -> None:
+        """A BULK frame: its raw bytes, which follow, are DATA of ``stream``."""
+        size = bulk_count(frame.payload)
+        if not self._bulk_offered or not size:
+            self._stream_protocol_error(stream, "a BULK frame we did not offer to take")
+            return
+        if self._take_data(stream, size):
+            self._raw_target = stream
+            self.stats.bulk_bytes_in += size
+
+    def _on_raw(self, piece: Frame) -> None:
+        """Raw bytes of the current BULK frame: its stream's data, if it lives."""
+        stream = self._raw_target
+        if stream is not None and self.streams.get(stream.key) is stream:
+            self._events.append(ev.DataReceived(stream.key, piece.payload))
+
+    def raw_pending(self) -> tuple[int, int] | None:
+        """(stream id, bytes) of a BULK frame's raw bytes the owner may read
+        past :meth:`receive_data` (and report with :meth:`raw_taken`): only
+        with nothing buffered, and only for a live stream (the rest are
+        dropped, so the decoder takes them)."""
+        decoder = self._decoder
+        left = decoder.raw_left
+        if not left or decoder.buffered or self.link is not None:
+            return None
+        stream = self._raw_target
+        if stream is None or self.streams.get(stream.key) is not stream:
+            return None
+        return stream.key, left
+
+    @property
+    def raw_left(self) -> int:
+        """Raw bytes of the current BULK frame still to come on the channel."""
+        return self._decoder.raw_left
+
+    def raw_taken(self, count: int) -> None:
+        """``count`` of the :meth:`raw_pending` bytes were read (and delivered) by the owner."""
+        self._decoder.take_raw(count)
+        self.stats.bytes_in += count
 
     def _on_window(self, frame: Frame, stream: Stream) -> None:
         if len(frame.payload) != _WINDOW.size or stream.state is not StreamState.OPEN:
@@ -1073,7 +1154,8 @@ class Session:
                 self.config.window,
                 self.config.max_streams,
                 (CAP_HEADER_CRC if self.config.header_crc else 0)
-                | (CAP_EARLY_DATA if self.config.early_data else 0),
+                | (CAP_EARLY_DATA if self.config.early_data else 0)
+                | (CAP_BULK if self._bulk_offered else 0),
             ) + _HELLO_SESSION_WINDOW.pack(self.config.session_window)
             flags = 0 if self.state is State.UP else HELLO_ANSWER
             size += encode_into(out, FrameType.HELLO, 0, payload, self._hellos_sent & 0xFF, flags)
@@ -1155,6 +1237,66 @@ class Session:
         self._tx_seq = seq
         self.stats.frames_out += frames
         return out, size
+
+    def bulk_stream(self, stream_id: int) -> bool:
+        """May this stream send BULK frames (now or once its queue drained)?
+
+        Only on a fast channel: where the bytes-in-flight cap keeps frames
+        under :data:`BULK_MIN`, DATA frames serve as well.
+        """
+        if not self._bulk_out or self.link is not None or self.state is not _UP:
+            return False
+        if self.flight_cap is not None and self.flight_cap < 2 * BULK_MIN:
+            return False
+        stream = self.streams.get(stream_id)
+        return stream is not None and stream.state is _OPEN and not stream.eof_pending
+
+    def bulk_room(self, stream_id: int) -> int:
+        """How many bytes the stream may send now as one BULK frame (0: none).
+
+        Only on a session where both sides offered BULK, with the link off,
+        for an open stream with nothing queued (its queued bytes go first, as
+        DATA); bounded like DATA by its credit, the session credit and the
+        bytes-in-flight cap.  The owner must have written everything
+        :meth:`pieces_to_send` had for it first.
+        """
+        if not self.bulk_stream(stream_id):
+            return 0
+        stream = self.streams[stream_id]
+        if stream.queued or self._control or self._hello_queued:
+            # Queued bytes of the stream go first, and so do control frames:
+            # an OPEN_OK held back for company must not be overtaken.
+            return 0
+        # Half the peer's window a frame: the next can go while it grants more.
+        room = min(stream.send_credit, self.peer_window // 2)
+        if self._session_credit is not None:
+            room = min(room, self._session_credit)
+        if self.flight_cap is not None:
+            room = min(room, self.flight_cap - (self._data_sent - self._peer_received))
+        return max(0, room)
+
+    def bulk_header(self, stream_id: int, count: int, now: float) -> bytes:
+        """The BULK frame for ``count`` raw bytes of the stream (at most
+        :meth:`bulk_room`), which the owner writes right behind it, nothing
+        in between.  A probe PING, if one is due, is queued to follow them."""
+        stream = self.streams[stream_id]
+        header = encode_bulk(stream.key ^ OPENER_BIT, count, self._tx_seq)
+        self._tx_seq = (self._tx_seq + 1) & 0xFF
+        stream.send_credit -= count
+        stream.bytes_sent += count
+        self._data_sent += count
+        if self._session_credit is not None:
+            self._session_credit -= count
+        self.stats.frames_out += 1
+        self.stats.bytes_out += len(header) + count
+        self.stats.bulk_bytes_out += count
+        cap = self.flight_cap
+        in_flight = self._data_sent - self._peer_received
+        if cap is not None and in_flight * 2 >= cap and self._probe_due(now):
+            self._probe_at = now
+            self._probe_bytes = self._data_sent
+            self._control.append((FrameType.PING, 0, self._ping_token()))
+        return header
 
     def _ping_token(self) -> bytes:
         """A fresh 8-byte PING payload (keepalive or probe)."""
@@ -1432,4 +1574,5 @@ _HANDLERS: dict[int, Callable[..., None]] = {
     FrameType.WINDOW: Session._on_window,
     FrameType.EOF: Session._on_eof,
     FrameType.RESET: Session._on_reset,
+    FrameType.BULK: Session._on_bulk,
 }
