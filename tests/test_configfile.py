@@ -32,6 +32,7 @@ rforwards = { web = "127.0.0.1:18080" }
 [channels.vm2]
 channel = "tcp-connect:127.0.0.1:4000"
 keepalive_interval = 1
+bulk = "off"
 """
 
 
@@ -61,6 +62,7 @@ def test_a_full_file(tmp_path: Path) -> None:
     assert (one.keepalive_interval, one.keepalive_timeout, one.max_streams) == (2, 9, 64)
     assert (two.keepalive_interval, two.keepalive_timeout) == (1, 9)
     assert two.window == Limits().window
+    assert (one.bulk, two.bulk) == (True, False)
 
 
 def test_options_merge_the_file_with_the_command_line(tmp_path: Path) -> None:
@@ -103,6 +105,7 @@ ERRORS = [
     ("[channels.'v m']\nchannel = 'tcp-listen:127.0.0.1:1'\n", "1: channels.v m: channel 'v m'"),
     ("allow_remote_listen = ['localhost']\n", "1: allow_remote_listen: --allow-remote-listen"),
     ("control = [1]\n", "1: control: expected a string, got an array"),
+    ("[limits]\nbulk = true\n", "2: limits.bulk: expected on or off"),
     ("[channels.vm1]\nchannel = tcp\n", "2: TOML syntax: Invalid value"),
 ]
 

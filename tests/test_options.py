@@ -108,7 +108,7 @@ def test_defaults() -> None:
             keepalive_interval=5.0,
             keepalive_timeout=20.0,
             max_frame=None,
-            window=524288,
+            window=2097152,
             max_streams=1024,
         ),
     )
@@ -513,10 +513,21 @@ def test_hostile_peer_limits_reach_the_session_config() -> None:
     assert big.session_window == 128 * 1024 * 1024
 
 
+def test_bulk_frames_are_offered_on_socket_channels_unless_turned_off() -> None:
+    from virtproxy import splicing
+    from virtproxy.service import session_config
+
+    assert session_config(parse(*CHAN)).bulk == splicing.available()
+    assert not session_config(parse(*CHAN, "--bulk", "off")).bulk
+    assert not session_config(parse("--channel", "serial:/dev/ttyS0")).bulk
+    assert not session_config(parse("--channel", "virtserial:/dev/vport0p1")).bulk
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
         (["--link", "maybe"], "--link 'maybe': expected one of on, auto, off"),
+        (["--bulk", "yes"], "--bulk 'yes': expected on or off"),
         (["--window", "100000", "--session-window", "5000"], "--session-window '5000'"),
         (["--max-name-length", "65"], "--max-name-length '65'"),
         (["--max-pending", "0"], "--max-pending '0'"),

@@ -23,10 +23,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from virtproxy import events as ev
+from virtproxy.bulk import BulkPath
 from virtproxy.frames import Payload, Reason, describe_reason
 from virtproxy.localio import connect_direct
 from virtproxy.pacing import INTERACTIVE_READ, ReadSizer
 from virtproxy.session import Session, SessionConfig
+from virtproxy.splicing import available as splice_available
 
 if TYPE_CHECKING:
     from virtproxy.protocol import VPChannelProtocol
@@ -119,6 +121,8 @@ class Channel:
         #: Peer data for streams whose local connect is under way (early data).
         self._early: dict[int, list[bytes | None]] = {}
         self._counters_logged_at = 0.0
+        #: BULK frames (docs/protocol.rst, "Bulk data"), where we can splice.
+        self.bulk = BulkPath(self) if self.session.config.bulk and splice_available() else None
 
     # -------------------------------------------------------------- channel side
 
@@ -140,6 +144,8 @@ class Channel:
         if self.protocol is not protocol:
             return
         self.protocol = None
+        if self.bulk is not None:
+            self.bulk.detach()
         self.log.info("{label}: channel lost: {reason}", label=self.label, reason=reason)
         self.session.connection_lost(self.reactor.seconds(), "channel lost: " + reason)
         self.pump()
@@ -150,12 +156,16 @@ class Channel:
             self._size_channel_reads(now)
         self.session.receive_data(data, now)
         self.pump()
+        if self.bulk is not None and self.protocol is not None:
+            self.bulk.received(self.protocol, len(data))
 
     def shutdown(self) -> None:
         """Tell the peer we leave (GOAWAY), reset every stream, then close the channel."""
         self._closing = True
         for deferred in list(self._connecting.values()):
             deferred.cancel()
+        if self.protocol is not None:
+            self.protocol.flush_pipe()  # a BULK frame's rest first, whole
         self.session.go_away(self.reactor.seconds())
         self.pump()
         if self.protocol is not None and self.protocol.transport is not None:
@@ -197,9 +207,10 @@ class Channel:
             self.pump()
         return stream_id
 
-    def send(self, stream_id: int, data: bytes) -> bool:
-        """Queue data; False means: stop reading, ``resume_reading`` follows."""
-        more = self.session.send(stream_id, data)
+    def send(self, stream_id: int, data: bytes, hold: bool = False) -> bool:
+        """Queue data; False means: stop reading, ``resume_reading`` follows
+        (``hold``: stop until this data went out)."""
+        more = self.session.send(stream_id, data, hold)
         self.pump()
         if not more:
             # The pump may have drained the queue already (and dispatched the
@@ -208,6 +219,10 @@ class Channel:
             stream = self.session.stream_info(stream_id)
             more = stream is not None and not stream.blocked
         return more
+
+    def send_bulk(self, stream_id: int, lead: bytes) -> bool:
+        """A full read of a stream's local socket: see :meth:`BulkPath.send`."""
+        return self.bulk is not None and self.bulk.send(stream_id, lead)
 
     def read_size(self, stream_id: int, count: int, previous: int) -> int:
         """A local socket of the stream read ``count`` bytes (``previous`` before
@@ -242,6 +257,8 @@ class Channel:
     def local_lost(self, stream_id: int, why: str) -> None:
         """A local socket is gone; a stream still live on it is reset."""
         self._locals.pop(stream_id, None)
+        if self.bulk is not None:
+            self.bulk.forget(stream_id)
         if self.session.stream_info(stream_id) is not None:
             self.session.reset(stream_id, Reason.ABORTED, why)
             self.pump()
@@ -291,6 +308,10 @@ class Channel:
                 if session.has_events:
                     self._dispatch_all(session.take_events())
                 self._flush()
+                if self.bulk is not None and self.bulk.waiting and self.protocol is not None:
+                    # Streams waiting for a BULK turn get the channel once
+                    # it is free; then go round for what the turns queued.
+                    self._again = self.bulk.serve(self.protocol) or self._again
             protocol = self.protocol
             if protocol is not None and protocol.transport is not None:
                 protocol.set_reading(not session.input_paused)
@@ -466,6 +487,8 @@ class Channel:
 
     def _abort_stream(self, stream_id: int, reason: int, message: str, by_peer: bool) -> None:
         self._early.pop(stream_id, None)
+        if self.bulk is not None:
+            self.bulk.forget(stream_id)
         self.opened_at.pop(stream_id, None)
         connecting = self._connecting.pop(stream_id, None)
         if connecting is not None:

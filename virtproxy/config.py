@@ -15,6 +15,13 @@ LISTEN_KINDS = frozenset({"tcp-listen", "unix-listen"})
 CONNECT_KINDS = frozenset({"tcp-connect", "unix-connect", "virtserial", "serial"})
 
 
+#: A stream's default window: what its peer may send before we grant more.
+#: 2 MiB lets a BULK frame (up to half a window) carry a megabyte on fast
+#: channels; it bounds only what a stream may buffer (and the session window
+#: bounds all of them together), it allocates nothing.
+DEFAULT_WINDOW = 2 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ChannelSpec:
     """The one data channel to the peer.
@@ -87,13 +94,15 @@ class Limits:
     #: Largest DATA payload we accept (advertised in HELLO); None = per channel kind.
     max_frame: int | None = None
     #: Credit each new stream grants the peer before the first WINDOW.
-    window: int = 512 * 1024
+    window: int = DEFAULT_WINDOW
     #: Concurrent streams the peer may open towards us.
     max_streams: int = 1024
     #: Streams the peer may open per second (token bucket, bursts of twice that).
     max_open_rate: int = 1000
     #: Link reliability mode (on, auto, off); None = per channel kind.
     link: str | None = None
+    #: BULK frames on socket channels (docs/protocol.rst, "Bulk data").
+    bulk: bool = True
     #: Peer RESETs per second (token bucket, bursts of twice that).
     max_reset_rate: int = 1000
     #: Bytes the peer may have in flight to us over all streams together;

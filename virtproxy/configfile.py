@@ -51,6 +51,7 @@ LIMIT_KEYS = {
     "max_pending",
     "max_service_name",
     "link",
+    "bulk",
 }
 CHANNEL_KEYS = {"channel", "oforwards", "iforwards", "rforwards"} | LIMIT_KEYS
 
@@ -132,6 +133,10 @@ class _Reader:
                 if value not in LINK_MODES:
                     raise self.error(where, f"expected one of {', '.join(LINK_MODES)}")
                 changes[key] = value
+            elif key == "bulk":
+                if value not in ("on", "off"):
+                    raise self.error(where, "expected on or off")
+                changes[key] = value == "on"
             elif key.endswith(("timeout", "interval")):
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise self.error(where, f"expected seconds (a number), got {_type(value)}")

@@ -83,6 +83,9 @@ _CHANNEL_ROW = [
             b"duplicates",
         )
     ),
+    # Newer than the rest: optional, so ctl still reads an older daemon's answer.
+    (b"bulk_bytes_out", amp.Integer(optional=True)),
+    (b"bulk_bytes_in", amp.Integer(optional=True)),
 ]
 
 

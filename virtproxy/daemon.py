@@ -437,6 +437,8 @@ class Runtime(MultiService):
                     "retransmits": stats.retransmits,
                     "link_timeouts": stats.timeouts,
                     "duplicates": stats.duplicates,
+                    "bulk_bytes_out": stats.bulk_bytes_out,
+                    "bulk_bytes_in": stats.bulk_bytes_in,
                 }
             )
         return rows

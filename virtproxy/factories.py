@@ -26,8 +26,14 @@ from zope.interface import implementer
 
 from virtproxy.channel import Channel
 from virtproxy.frames import Payload, describe_reason
-from virtproxy.localio import lose_connection_now, lose_write_now, read_now
-from virtproxy.pacing import LOCAL_READ_SIZE
+from virtproxy.localio import (
+    lose_connection_now,
+    lose_write_now,
+    open_socket,
+    read_now,
+    writable_socket,
+)
+from virtproxy.pacing import BULK_LEAD_READ, BULK_READ, LOCAL_READ_SIZE
 from virtproxy.protocol import VPChannelProtocol, describe_address, write_now
 
 
@@ -53,6 +59,8 @@ class ProxyProtocol(Protocol):
         self._sized = False  # our transport reads bufferSize bytes at a time
         self._last_read = 0  # bytes of the previous local read (0: none yet)
         self._read_done = False  # the local socket sent EOF
+        self._bulk_turn = False  # we asked for a BULK turn (and wait for it)
+        self._bulk_paused = False  # ... and stopped reading meanwhile
         self._write_done = False  # we shut down its write side (peer EOF)
         self.started_at = 0.0
 
@@ -82,6 +90,12 @@ class ProxyProtocol(Protocol):
             return
         self.bytes_in += len(data)
         transport = self.transport
+        if (
+            self._sized
+            and len(data) >= min(transport.bufferSize, BULK_READ)  # type: ignore[union-attr]
+            and self._send_bulk(data)
+        ):
+            return
         if not self.channel.send(self.stream_id, data) and transport is not None:
             transport.pauseProducing()  # type: ignore[attr-defined]
         if self._sized and transport is not None:
@@ -89,6 +103,48 @@ class ProxyProtocol(Protocol):
                 self.stream_id, len(data), self._last_read
             )
         self._last_read = len(data)
+
+    def _send_bulk(self, data: bytes) -> bool:
+        """A bulk read (64 KiB, or a full one): ask the channel for a turn to
+        send it and what waits behind it on the socket as one BULK frame (see
+        BulkPath.send).
+
+        Reading stops until the turn came (``bulk_sent``), or, where the
+        turn sent the lead as DATA instead, until it went (``resume_reading``).
+        Either may come at once, inside ``send_bulk``.
+        """
+        transport = self.transport
+        assert transport is not None
+        self._bulk_turn = True
+        if not self.channel.send_bulk(self.stream_id, data):
+            self._bulk_turn = False
+            return False
+        if self._bulk_turn:
+            self._bulk_paused = True
+            transport.pauseProducing()  # type: ignore[attr-defined]
+        # Read a little first next time too: splice takes the rest.
+        transport.bufferSize = BULK_LEAD_READ  # type: ignore[attr-defined]
+        self._last_read = len(data)
+        return True
+
+    def splice_source(self) -> int:
+        """The socket's descriptor, to splice the rest of a BULK frame from (else -1)."""
+        handle = open_socket(self.transport) if self._live else None
+        return -1 if handle is None else handle.fileno()
+
+    def bulk_sent(self, extra: int) -> None:
+        """Our BULK frame went, with ``extra`` bytes spliced from the socket behind the lead."""
+        self.bytes_in += extra
+        self._bulk_turn = False
+        if self._bulk_paused:
+            self.resume_reading()
+
+    def bulk_failed(self, error: OSError) -> None:
+        """Splicing from the socket failed: abort it (met by splice, a reset
+        would read as a clean end on the reactor's next read)."""
+        self.end_reason = f"local connection lost: {error.strerror or error}"
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def readConnectionLost(self) -> None:
         self._read_done = True
@@ -161,6 +217,28 @@ class ProxyProtocol(Protocol):
         else:
             self.channel.consumed(self.stream_id, size)
 
+    def splice_target(self) -> int:
+        """The socket's descriptor, for peer data spliced in now (else -1):
+        only while it holds nothing unsent and no credit is withheld."""
+        if self._write_paused or self._withheld:
+            return -1
+        handle = writable_socket(self.transport)
+        return -1 if handle is None else handle.fileno()
+
+    def spliced(self, count: int, rest: bytes, error: OSError | None) -> None:
+        """``count`` bytes of peer data were spliced into the socket; ``rest``
+        did not fit (it goes as ``deliver`` sends it); ``error`` failed it."""
+        if error is not None:
+            self.end_reason = f"local connection lost: {error.strerror or error}"
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        self.bytes_out += count
+        if count:
+            self.channel.consumed(self.stream_id, count)
+        if rest:
+            self.deliver(rest)
+
     def _release_transport(self) -> None:
         """Unregister as our transport's producer (it won't close while we are)."""
         if self._registered and self.transport is not None:
@@ -168,6 +246,7 @@ class ProxyProtocol(Protocol):
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
 
     def resume_reading(self) -> None:
+        self._bulk_turn = self._bulk_paused = False
         if self.transport is not None and self._live:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 

@@ -45,7 +45,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 
 
-def _open_socket(transport: Any) -> socket.socket | None:
+def open_socket(transport: Any) -> socket.socket | None:
     """The socket of a plain, connected socket transport (TCP or UNIX) with no
     close under way (else None)."""
     handle = getattr(transport, "socket", None)
@@ -61,9 +61,9 @@ def _open_socket(transport: Any) -> socket.socket | None:
 
 
 def writable_socket(transport: Any) -> socket.socket | None:
-    """:func:`_open_socket`, with nothing buffered and its write side still
+    """:func:`open_socket`, with nothing buffered and its write side still
     open (else None): one we may write to ourselves."""
-    handle = _open_socket(transport)
+    handle = open_socket(transport)
     if (
         handle is None
         or transport._writeDisconnecting
@@ -88,7 +88,7 @@ def read_now(transport: Any) -> bytes:
     A socket error is not (``recv`` consumed it), so the connection is aborted
     as the reactor would have done: the stream fails, it does not end cleanly.
     """
-    handle = _open_socket(transport)
+    handle = open_socket(transport)
     if handle is None:
         return b""
     try:

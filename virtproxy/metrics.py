@@ -36,6 +36,11 @@ COUNTERS = {
     "retransmits": ("virtproxy_link_retransmits", "Link chunks sent again (--link)"),
     "link_timeouts": ("virtproxy_link_timeouts", "Link retransmission timer expiries"),
     "duplicates": ("virtproxy_link_duplicates", "Link chunks received twice and dropped"),
+    "bulk_bytes_out": ("virtproxy_bulk_sent_bytes", "Stream bytes sent spliced, in BULK frames"),
+    "bulk_bytes_in": (
+        "virtproxy_bulk_received_bytes",
+        "Stream bytes received in BULK frames",
+    ),
 }
 
 

@@ -26,6 +26,7 @@ from twisted.python import usage
 from virtproxy import __version__
 from virtproxy.config import (
     DEFAULT_LABEL,
+    DEFAULT_WINDOW,
     ChannelSpec,
     DaemonConfig,
     ForwardSpec,
@@ -530,7 +531,7 @@ class Options(usage.Options):
         [
             "window",
             None,
-            str(512 * 1024),
+            str(DEFAULT_WINDOW),
             (
                 "Bytes each new stream may carry before the receiver grants more "
                 f"(>= --max-frame, <= {MAX_WINDOW})."
@@ -591,6 +592,14 @@ class Options(usage.Options):
             "Link reliability: on (acknowledge and retransmit frames, for noisy lines), "
             "auto (on once the peer turns it on) or off "
             "[default: on for serial:, auto for the others].",
+        ],
+        [
+            "bulk",
+            None,
+            "on",
+            "BULK frames on a TCP or UNIX channel (bulk bytes spliced past Python, "
+            "Linux): on, or off for a channel through something that may lose or "
+            "repeat bytes, which a BULK frame's raw bytes do not survive.",
         ],
         [
             "config",
@@ -783,6 +792,8 @@ class Options(usage.Options):
         link = self["link"]
         if link is not None and link not in LINK_MODES:
             raise usage.UsageError(f"--link {link!r}: expected one of {', '.join(LINK_MODES)}")
+        if self["bulk"] not in ("on", "off"):
+            raise usage.UsageError(f"--bulk {self['bulk']!r}: expected on or off")
         return Limits(
             connect_timeout=connect_timeout,
             keepalive_interval=interval,
@@ -792,6 +803,7 @@ class Options(usage.Options):
             max_streams=max_streams,
             max_open_rate=max_open_rate,
             link=link,
+            bulk=self["bulk"] == "on",
             max_reset_rate=max_reset_rate,
             session_window=session_window,
             stream_buffer=stream_buffer,

@@ -25,6 +25,17 @@ LOCAL_READ_SIZE = 256 * 1024
 #: was 0.97-1.52x ssh -L's at 32 KiB and 0.86-1.18x at 16 KiB, the upload
 #: meanwhile about a quarter slower (8 KiB: 0.76-1.01x at under half the rate).
 SHARED_READ_SIZE = 16 * 1024
+#: A local read of at least this many bytes (or a full one) is bulk: the
+#: stream asks for a turn to send a BULK frame (see virtproxy/bulk.py).  Not
+#: only full reads: a UNIX socket's peer may never queue a whole 256 KiB.
+BULK_READ = 64 * 1024
+#: Bytes read from a local socket ahead of a BULK frame (splice moves the
+#: rest): the read tells that more is waiting, or meets the end of file.
+#: More than INTERACTIVE_READ, so that no lead looks like a keystroke.
+BULK_LEAD_READ = 1024
+#: ... and while BULK frames arrive: their headers, and what small frames
+#: come with them, but little of their raw bytes, which splice moves.
+BULK_CHANNEL_READ = 128
 #: Bytes read from a socket channel at a time (Twisted's default is 64 KiB).
 CHANNEL_READ_SIZE = 256 * 1024
 #: A local read of at most this many bytes is a keystroke or a request.
@@ -145,6 +156,10 @@ class ReadSizer:
         if now < self._until and stream != self._stream:
             return self.small
         return self.large
+
+    def shared(self, now: float) -> bool:
+        """Is an interactive stream about (other streams read ``small``)?"""
+        return now < self._until
 
     def delivered(self, count: int, now: float) -> None:
         """``count`` bytes of peer data went to a local socket in one write."""

@@ -7,7 +7,8 @@ channel's speed, and writes the next only when the transport has drained the
 last.  A slow channel therefore backs up into the per-stream queues (where the
 scheduler can still put a keystroke first) and, through them, pauses the
 local sockets' reads.  It works over any transport: TCP, UNIX, a serial port,
-a virtio-serial port.
+a virtio-serial port.  On a TCP or UNIX socket it also moves BULK frames' raw
+bytes with splice(2) (``write_bulk``, ``splice_reads``; see virtproxy/bulk.py).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from virtproxy.frames import Payload
-from virtproxy.localio import writable_socket
-from virtproxy.pacing import CHANNEL_READ_SIZE, WritePacer
+from virtproxy.localio import open_socket, writable_socket
+from virtproxy.pacing import BULK_CHANNEL_READ, CHANNEL_READ_SIZE, WritePacer
+from virtproxy.splicing import SplicePipe
 
 if TYPE_CHECKING:
     from virtproxy.channel import Channel
@@ -138,6 +140,14 @@ class VPChannelProtocol(Protocol):
         self._tcp: socket.socket | None = None
         self._lowat = 0
         self._read_size = 0
+        self._wanted_read_size = 0
+        self._bulk_reads = False
+        #: Holds a BULK frame's raw bytes on their way out (made on first use),
+        #: and how many of them still wait there for the socket to take them.
+        self._pipe: SplicePipe | None = None
+        self._pipe_rest = 0
+        #: Our transport's ``doRead`` is shadowed (see ``splice_reads``).
+        self._splicing = False
 
     def describe_peer(self) -> str:
         if self.transport is None:
@@ -177,6 +187,10 @@ class VPChannelProtocol(Protocol):
             self.channel.receive(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
+            self._pipe_rest = 0
         if self.attached:
             self.attached = False
             self.channel.detach(self, reason.getErrorMessage())
@@ -207,6 +221,8 @@ class VPChannelProtocol(Protocol):
 
     # IPullProducer: the channel transport drained and wants more.
     def resumeProducing(self) -> None:
+        if self._pipe_rest and not self._drain_pipe():
+            return  # the rest of a BULK frame still waits in the pipe
         self.paused = False
         self.pacer.drained(self.channel.reactor.seconds())
         if self._tcp is not None:
@@ -230,12 +246,121 @@ class VPChannelProtocol(Protocol):
 
     def set_read_size(self, size: int) -> None:
         """Read the channel ``size`` bytes at a time (see pacing.ReadSizer)."""
+        self._wanted_read_size = size
+        self._apply_read_size()
+
+    def set_bulk_reads(self, bulk: bool) -> None:
+        """While BULK frames arrive, read the channel a few frames at a time,
+        leaving their raw bytes to be spliced on, not copied by a large read."""
+        if bulk != self._bulk_reads:
+            self._bulk_reads = bulk
+            self._apply_read_size()
+
+    def _apply_read_size(self) -> None:
+        size = BULK_CHANNEL_READ if self._bulk_reads else self._wanted_read_size
         if size == self._read_size or not hasattr(self.transport, "bufferSize"):
             return
         # Twisted reads bufferSize bytes at a time; as a pull producer we are
         # never paused by it, so it only sets the read size.
         self._read_size = size
         self.transport.bufferSize = size  # type: ignore[union-attr]
+
+    def splice_reads(self, splice: bool) -> None:
+        """Let the channel's next readable turns splice a BULK frame's raw
+        bytes on (``BulkPath.splice_in``) instead of reading them.
+
+        Twisted's socket transports read in ``doRead`` with no hook before
+        the read, so the transport's ``doRead`` is shadowed meanwhile.  It
+        falls back to Twisted's own read whenever nothing was spliced (an
+        end of file, an error, or the frame's end), so the reactor still
+        meets every close itself.
+        """
+        transport: Any = self.transport
+        if splice == self._splicing or transport is None:
+            return
+        self._splicing = splice
+        if splice:
+            transport.doRead = self._splice_read
+        else:
+            vars(transport).pop("doRead", None)
+
+    def _splice_read(self) -> object:
+        bulk = self.channel.bulk
+        if self.attached and bulk is not None and bulk.splice_in(self):
+            return None
+        self.splice_reads(False)
+        transport: Any = self.transport
+        return transport.doRead()
+
+    def readable_fd(self) -> int:
+        """The channel socket's descriptor, to splice from while we read (else -1)."""
+        handle = open_socket(self.transport) if self._reading else None
+        return -1 if handle is None else handle.fileno()
+
+    def writable_fd(self) -> int:
+        """The channel socket's descriptor, to write to ourselves now (else -1)."""
+        handle = None if self.paused else writable_socket(self.transport)
+        return -1 if handle is None else handle.fileno()
+
+    def send_pipe(self) -> SplicePipe:
+        """The pipe a BULK frame's raw bytes pass through on their way out."""
+        if self._pipe is None:
+            self._pipe = SplicePipe()
+        return self._pipe
+
+    def write_bulk(self, header: bytes, lead: bytes, count: int) -> None:
+        """Write a BULK frame (``header``), its first raw bytes (``lead``),
+        then ``count`` more from :meth:`send_pipe`, with nothing in between.
+
+        Only right after :meth:`writable_fd` said we may.  What the socket
+        does not take at once waits in the pipe, and we wait for the socket
+        to drain (the transport asks for more as it would after a buffered
+        write), so the bytes are never copied; only if ``header`` and
+        ``lead`` do not go whole (or the socket fails) does the rest go
+        through Twisted's buffer, for the reactor to meet any error.
+        """
+        handle = writable_socket(self.transport)
+        assert handle is not None
+        try:
+            sent = handle.sendmsg([header, lead])
+        except OSError:
+            sent = 0
+        if sent < len(header) + len(lead):
+            self._write_rest((header + lead)[sent:] + self.send_pipe().take(count))
+            return
+        self._pipe_rest = count
+        if count and not self._drain_pipe():
+            self.paused = True
+
+    def _drain_pipe(self) -> bool:
+        """Splice the rest of a BULK frame to the socket; True once it all went."""
+        assert self._pipe is not None
+        handle = open_socket(self.transport)
+        rest = self._pipe_rest
+        moved = self._pipe.drain_to(handle.fileno(), rest) if handle is not None else 0
+        rest -= moved
+        self._pipe_rest = rest
+        if not rest:
+            return True
+        if handle is None or self._pipe.error is not None:
+            self.flush_pipe()  # the reactor meets the error, or the close
+            return False
+        # Twisted calls resumeProducing once the socket is writable: with
+        # nothing in its buffer, that is its next write turn.
+        self.transport.startWriting()  # type: ignore[union-attr]
+        return False
+
+    def flush_pipe(self) -> None:
+        """Hand what waits in the pipe to Twisted's buffer (before a close)."""
+        if self._pipe_rest and self._pipe is not None:
+            rest, self._pipe_rest = self._pipe_rest, 0
+            self._write_rest(self._pipe.take(rest))
+
+    def _write_rest(self, rest: bytes) -> None:
+        assert self.transport is not None
+        self.paused = True  # the transport resumes us once it drained the rest
+        self.pacer.wrote(len(rest), self.channel.reactor.seconds())
+        self.transport.write(rest)
 
     def set_reading(self, reading: bool) -> None:
         """Stop reading the channel while the session's control backlog is too long."""

@@ -38,6 +38,7 @@ from virtproxy.factories import (
 from virtproxy.frames import MAX_PAYLOAD
 from virtproxy.protocol import describe_address
 from virtproxy.session import SessionConfig
+from virtproxy.splicing import available as splice_available
 
 #: Kernel-checksummed, connection-per-session channels: no line noise to guard against.
 SOCKET_KINDS = frozenset({"tcp-listen", "tcp-connect", "unix-listen", "unix-connect"})
@@ -187,6 +188,7 @@ def session_config(config: DaemonConfig) -> SessionConfig:
         keepalive_timeout=limits.keepalive_timeout,
         open_timeout=limits.connect_timeout,
         header_crc=kind in SOCKET_KINDS,
+        bulk=limits.bulk and kind in SOCKET_KINDS and splice_available(),
         link=limits.link or default_link(kind),
         max_reset_rate=limits.max_reset_rate,
         session_window=max(limits.session_window or 64 * 1024 * 1024, limits.window, max_frame),
