@@ -16,6 +16,7 @@ full (see ``deliver``).
 
 from __future__ import annotations
 
+import os
 import socket
 
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
@@ -147,9 +148,32 @@ class ProxyProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def readConnectionLost(self) -> None:
+        if self._reset_pending():
+            return
         self._read_done = True
         if self._live:
             self.channel.send_eof(self.stream_id)
+
+    def _reset_pending(self) -> bool:
+        """Is this "end of file" a reset?  Then abort: the stream fails.
+
+        Twisted takes a hang-up that the poll reports without "readable" for
+        a clean end, error or not; a TCP reset can be polled that way, in the
+        instant between the socket closing and its read side shutting down.
+        The reset's error is still pending on the socket then.
+        """
+        handle = getattr(self.transport, "socket", None)
+        if not isinstance(handle, socket.socket):
+            return False
+        try:
+            error = handle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            return False
+        if not error:
+            return False
+        self.end_reason = f"local connection lost: {os.strerror(error)}"
+        self.transport.abortConnection()  # type: ignore[union-attr]
+        return True
 
     def writeConnectionLost(self) -> None:
         pass
