@@ -145,6 +145,18 @@ class StubChannel:
         self.received.append(data)
 
 
+def fill_send_pipe(protocol: VPChannelProtocol, body: bytes) -> int:
+    """Queue ``body`` on a socket and splice what the pipe takes of it into
+    the protocol's send pipe, as a BULK turn does; return how much."""
+    src_w, src = socket_pair()
+    src_w.setblocking(True)
+    src_w.sendall(body)
+    count = protocol.send_pipe().fill(src.fileno(), len(body))
+    src_w.close()
+    src.close()
+    return count
+
+
 @pytest.fixture
 def channel_pair() -> Iterator[tuple[VPChannelProtocol, TransportPair]]:
     channel = StubChannel()
@@ -164,11 +176,8 @@ def test_write_bulk_writes_header_lead_and_spliced_bytes_in_order(
     channel_pair: tuple[VPChannelProtocol, TransportPair],
 ) -> None:
     protocol, pair = channel_pair
-    src_w, src = socket_pair()
     body = os.urandom(50_000)
-    src_w.sendall(body)
-    pipe = protocol.send_pipe()
-    count = pipe.fill(src.fileno(), len(body))
+    count = fill_send_pipe(protocol, body)
     assert count == len(body)
     protocol.write_bulk(b"HEADER", b"lead", count)
     assert not protocol.paused and not pair.writing()
@@ -181,12 +190,9 @@ def test_a_frames_rest_waits_in_the_pipe_until_the_socket_drains(
     """Not copied into Twisted's buffer: the socket's writability resumes us."""
     protocol, pair = channel_pair
     pair.near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    src_w, src = socket_pair()
-    body = os.urandom(300_000)
-    src_w.setblocking(True)
-    src_w.sendall(body[:150_000])
-    pipe = protocol.send_pipe()
-    count = pipe.fill(src.fileno(), 150_000)
+    body = os.urandom(150_000)
+    count = fill_send_pipe(protocol, body)
+    assert count == len(body)
     protocol.write_bulk(b"H", b"L", count)
     assert protocol.paused  # the rest waits: no other frame may go meanwhile
     assert pair.writing()  # Twisted tells us when the socket takes more
@@ -198,7 +204,7 @@ def test_a_frames_rest_waits_in_the_pipe_until_the_socket_drains(
         if pair.writing():
             pair.transport.doWrite()  # as the reactor would: resumeProducing
     got += read_all(pair.far)
-    assert bytes(got) == b"H" + b"L" + body[:150_000]
+    assert bytes(got) == b"H" + b"L" + body
     assert protocol.channel.pumps > pumps  # type: ignore[attr-defined]
 
 
@@ -207,12 +213,8 @@ def test_flush_pipe_hands_the_rest_to_twisted_whole(
 ) -> None:
     protocol, pair = channel_pair
     pair.near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    src_w, src = socket_pair()
     body = os.urandom(150_000)
-    src_w.setblocking(True)
-    src_w.sendall(body)
-    pipe = protocol.send_pipe()
-    count = pipe.fill(src.fileno(), len(body))
+    count = fill_send_pipe(protocol, body)
     protocol.write_bulk(b"H", b"", count)
     assert protocol.paused
     protocol.flush_pipe()  # before a close: the frame goes out whole
