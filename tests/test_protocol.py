@@ -921,6 +921,17 @@ def test_shutdown_sends_goaway_and_closes(world: World, logs: Logs) -> None:
     assert not late.attached and transport.closes == 1
 
 
+def test_shutdown_of_a_busy_channel_still_tells_the_peer(world: World, logs: Logs) -> None:
+    """A GOAWAY goes behind what a paused channel transport holds, not nowhere."""
+    world.open()
+    world.pipe.ta.stalled = True  # A's channel transport buffer is full
+    world.pipe.pa.pauseProducing()
+    world.a.shutdown()
+    world.pipe.ta.stalled = False
+    world.pipe.pump()
+    assert logs.find("B: session ended with peer", "the peer went away (shutdown)")
+
+
 def test_shutdown_cancels_iforward_connects(world: World) -> None:
     world.accept()
     attempt = world.endpoint.attempts[0]

@@ -166,12 +166,19 @@ class Channel:
             deferred.cancel()
         if self.protocol is not None:
             self.protocol.flush_pipe()  # a BULK frame's rest first, whole
-        self.session.go_away(self.reactor.seconds())
+        now = self.reactor.seconds()
+        self.session.go_away(now)
         self.pump()
-        if self.protocol is not None and self.protocol.transport is not None:
+        protocol = self.protocol
+        if protocol is not None and protocol.transport is not None:
+            if protocol.paused and self.session.has_data_to_send():
+                # The channel is busy: the GOAWAY goes behind what the transport
+                # holds (it closes once that is out), so the peer hears why.
+                goaway = self.session.pieces_to_send(1 << 20, 1 << 20, now)
+                protocol.transport.write(b"".join(goaway))
             # A transport does not close while a producer is registered on it.
-            self.protocol.transport.unregisterProducer()  # type: ignore[attr-defined]
-            self.protocol.transport.loseConnection()
+            protocol.transport.unregisterProducer()  # type: ignore[attr-defined]
+            protocol.transport.loseConnection()
         if self._timer is not None:
             self._timer.cancel()
         self._timer = None
