@@ -323,13 +323,18 @@ class FrameDecoder:
         results += self._decode(data, start, now, copy=False)
         return results
 
-    def _raw_piece(self, view: memoryview, start: int, results: list[Frame | Damage]) -> int:
-        """Hand out the raw bytes of a BULK frame at ``view[start:]`` (the
-        buffer is empty meanwhile); return where the frames after them start."""
+    def _raw_piece(
+        self, view: memoryview, start: int, results: list[Frame | Damage], copy: bool = False
+    ) -> int:
+        """Hand out the raw bytes of a BULK frame at ``view[start:]``; return
+        where the frames after them start.  ``copy``: ``view`` is of our own
+        buffer, so the piece is copied out of it."""
         take = min(self.raw_left, len(view) - start)
         if take:
             self.raw_left -= take
-            results.append(Frame(RAW_TYPE, self.raw_stream, view[start : start + take]))
+            # Unnamed, like a payload in _decode: a live view would stop ``del buf``.
+            piece = bytes(view[start : start + take]) if copy else view[start : start + take]
+            results.append(Frame(RAW_TYPE, self.raw_stream, piece))
         return start + take
 
     def _head_needs(self) -> int:
@@ -409,26 +414,12 @@ class FrameDecoder:
                 results.append(Frame(ftype, stream, payload, seq, flags))
                 pos = end + TRAILER_SIZE
                 if ftype == BULK_TYPE and self.bulk_ok:
-                    count = bulk_count(payload)
-                    if count:
-                        # Its raw bytes follow: all of them are the stream's data.
-                        take = min(count, size - pos)
-                        if take:
-                            # Unnamed, like payload above: a live view would stop ``del buf``.
-                            results.append(
-                                Frame(
-                                    RAW_TYPE,
-                                    stream,
-                                    bytes(view[pos : pos + take])
-                                    if copy
-                                    else view[pos : pos + take],
-                                )
-                            )
-                            pos += take
-                        if take < count:
-                            self.raw_left = count - take
-                            self.raw_stream = stream
-                            break
+                    # Its raw bytes follow: all of them are the stream's data.
+                    self.raw_left = bulk_count(payload)
+                    self.raw_stream = stream
+                    pos = self._raw_piece(view, pos, results, copy)
+                    if self.raw_left:
+                        break  # the rest of them is still to come
             if pos < size and (source[pos] != 0xA5 or (size - pos > 1 and source[pos + 1] != 0x5C)):
                 pos = self._skip(source, pos, pos, size)  # a tail that cannot start a frame
         finally:
