@@ -927,8 +927,9 @@ class Session:
 
     def _on_unknown_stream(self, frame: Frame, key: int) -> None:
         is_data = frame.type == _DATA_TYPE or frame.type == BULK_TYPE
-        size = len(frame.payload) if frame.type == _DATA_TYPE else bulk_count(frame.payload)
+        size = 0
         if is_data:
+            size = len(frame.payload) if frame.type == _DATA_TYPE else bulk_count(frame.payload)
             self._data_received += size  # it still crossed the line
             if self._take_session_credit(size):
                 self._credit_session(size)  # dropped: delivered, as it were
@@ -1223,14 +1224,8 @@ class Session:
             for stream in reversed(parked):  # first in line once the cap reopens
                 stream.ready = True
                 ready.appendleft(stream)
-            # Probe only once half the cap is out: idle keystrokes need no probes.
-            cap = self.flight_cap
-            in_flight = self._data_sent - self._peer_received
-            probe = cap is not None and in_flight * 2 >= cap
-            if probe and (self._data_sent > sent_before or budget == 0) and self._probe_due(now):
+            if (self._data_sent > sent_before or budget == 0) and self._take_probe(now):
                 # A probe right behind the data: its PONG says how much arrived.
-                self._probe_at = now
-                self._probe_bytes = self._data_sent
                 size += encode_into(out, FrameType.PING, 0, self._ping_token(), seq)
                 seq = (seq + 1) & 0xFF
                 frames += 1
@@ -1290,11 +1285,7 @@ class Session:
         self.stats.frames_out += 1
         self.stats.bytes_out += len(header) + count
         self.stats.bulk_bytes_out += count
-        cap = self.flight_cap
-        in_flight = self._data_sent - self._peer_received
-        if cap is not None and in_flight * 2 >= cap and self._probe_due(now):
-            self._probe_at = now
-            self._probe_bytes = self._data_sent
+        if self._take_probe(now):
             self._control.append((FrameType.PING, 0, self._ping_token()))
         return header
 
@@ -1302,6 +1293,19 @@ class Session:
         """A fresh 8-byte PING payload (keepalive or probe)."""
         self._ping_counter += 1
         return self._ping_counter.to_bytes(8, "big")
+
+    def _take_probe(self, now: float | None) -> bool:
+        """Is a probe PING to go behind the data just sent?  Then it counts as
+        sent from here.  Only once half the cap is out: idle keystrokes need
+        no probes."""
+        cap = self.flight_cap
+        if cap is None or (self._data_sent - self._peer_received) * 2 < cap:
+            return False
+        if not self._probe_due(now):
+            return False
+        self._probe_at = now
+        self._probe_bytes = self._data_sent
+        return True
 
     def _probe_due(self, now: float | None) -> bool:
         """Probe when none is out, or every half cap of data, so answers keep coming."""
