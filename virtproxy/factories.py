@@ -141,9 +141,14 @@ class ProxyProtocol(Protocol):
             self.resume_reading()
 
     def bulk_failed(self, error: OSError) -> None:
-        """Splicing from the socket failed: abort it (met by splice, a reset
-        would read as a clean end on the reactor's next read)."""
-        self.end_reason = f"local connection lost: {error.strerror or error}"
+        """Splicing from or to the socket failed: abort it (met by splice, a
+        reset would read as a clean end on the reactor's next read)."""
+        self._abort_local(error.strerror or str(error))
+
+    def _abort_local(self, why: str) -> None:
+        """The socket failed where the reactor will not meet it: abort it,
+        so the stream fails (a reset), and say why in its log line."""
+        self.end_reason = f"local connection lost: {why}"
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -171,8 +176,7 @@ class ProxyProtocol(Protocol):
             return False
         if not error:
             return False
-        self.end_reason = f"local connection lost: {os.strerror(error)}"
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        self._abort_local(os.strerror(error))
         return True
 
     def writeConnectionLost(self) -> None:
@@ -253,9 +257,7 @@ class ProxyProtocol(Protocol):
         """``count`` bytes of peer data were spliced into the socket; ``rest``
         did not fit (it goes as ``deliver`` sends it); ``error`` failed it."""
         if error is not None:
-            self.end_reason = f"local connection lost: {error.strerror or error}"
-            if self.transport is not None:
-                self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.bulk_failed(error)
             return
         self.bytes_out += count
         if count:
