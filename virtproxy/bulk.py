@@ -11,8 +11,8 @@ throughput (benchmarks/README.rst).
 The session (plain Python) decides what may be sent and keeps every count;
 this module only moves bytes, and only while it can do so at once:
 
-* A stream whose local read filled its buffer asks for a *turn* with what it
-  read (the *lead*), and stops reading.  Turns go first come first served,
+* A stream whose local read is bulk (64 KiB, or a full read) asks for a
+  *turn* with what it read (the *lead*), and stops reading.  Turns go first come first served,
   whenever the session has nothing else to send and the channel takes more:
   the lead and what waits behind it on the socket go as one BULK frame.
   Where a turn finds too little credit, the lead goes as DATA, and the stream
@@ -68,7 +68,7 @@ class BulkPath:
     # ------------------------------------------------------------- sending
 
     def send(self, stream_id: int, lead: bytes) -> bool:
-        """A full read of the stream's local socket: ask for a turn.
+        """A bulk read of the stream's local socket: ask for a turn.
 
         False when the stream cannot send BULK frames now (the peer does not
         take them, a slow channel, an interactive stream about): the caller

@@ -164,12 +164,12 @@ class Channel:
         self._closing = True
         for deferred in list(self._connecting.values()):
             deferred.cancel()
-        if self.protocol is not None:
-            self.protocol.flush_pipe()  # a BULK frame's rest first, whole
+        protocol = self.protocol
+        if protocol is not None:
+            protocol.flush_pipe()  # a BULK frame's rest first, whole
         now = self.reactor.seconds()
         self.session.go_away(now)
         self.pump()
-        protocol = self.protocol
         if protocol is not None and protocol.transport is not None:
             if protocol.paused and self.session.has_data_to_send():
                 # The channel is busy: the GOAWAY goes behind what the transport
@@ -228,7 +228,7 @@ class Channel:
         return more
 
     def send_bulk(self, stream_id: int, lead: bytes) -> bool:
-        """A full read of a stream's local socket: see :meth:`BulkPath.send`."""
+        """A bulk read of a stream's local socket: see :meth:`BulkPath.send`."""
         return self.bulk is not None and self.bulk.send(stream_id, lead)
 
     def read_size(self, stream_id: int, count: int, previous: int) -> int:

@@ -7,17 +7,17 @@ virtproxy uses it for the raw bytes that follow a BULK frame
 (docs/protocol.rst, "Bulk data"), from a local socket into the channel and
 from the channel into a local socket.
 
-A :class:`SplicePipe` is empty between uses: whatever a destination socket
-did not take at once is read back (:meth:`SplicePipe.take`) and handed to
-Twisted's buffered write, so the channel never waits on one slow socket, and
-every error is left to the reactor to meet on its next read or write.
+A :class:`SplicePipe` carries one transfer at a time.  What a local socket
+does not take at once is read back (:meth:`SplicePipe.take`) and handed to
+Twisted's buffered write, so the channel never waits on one slow socket; a
+BULK frame's rest that the channel does not take waits in the sender's pipe
+for it to drain.  Errors are kept for the caller, which aborts the socket.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-from errno import EAGAIN, EINTR
 
 #: Linux's F_SETPIPE_SZ / F_GETPIPE_SZ (not in Python's fcntl before 3.10).
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -29,7 +29,6 @@ PIPE_SIZE = 1024 * 1024
 PIPE_MIN = 64 * 1024
 _splice = getattr(os, "splice", None)
 _NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
-_MORE = getattr(os, "SPLICE_F_MORE", 4)
 
 
 def available() -> bool:
@@ -38,7 +37,7 @@ def available() -> bool:
 
 
 class SplicePipe:
-    """One pipe, one transfer at a time, empty after each (see the module doc)."""
+    """One pipe, one transfer at a time (see the module doc)."""
 
     def __init__(self) -> None:
         self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -91,11 +90,12 @@ class SplicePipe:
         while moved < count:
             try:
                 moved += _splice(self._read_fd, destination, count - moved, flags=_NONBLOCK)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                break
             except OSError as error:
-                if error.errno == EINTR:
-                    continue
-                if error.errno != EAGAIN:
-                    self.error = error
+                self.error = error
                 break
         return moved
 
