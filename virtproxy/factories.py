@@ -36,6 +36,7 @@ from virtproxy.localio import (
 )
 from virtproxy.pacing import BULK_LEAD_READ, BULK_READ, LOCAL_READ_SIZE
 from virtproxy.protocol import VPChannelProtocol, describe_address, write_now
+from virtproxy.tcpopts import tune_tcp
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -76,7 +77,7 @@ class ProxyProtocol(Protocol):
             socket.AF_INET,
             socket.AF_INET6,
         ):
-            handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_tcp(handle)
         if hasattr(transport, "bufferSize"):
             # Twisted reads bufferSize bytes at a time (64 KiB by default) and
             # pauses us as its producer past that many buffered bytes.  The

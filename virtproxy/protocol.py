@@ -27,6 +27,7 @@ from virtproxy.frames import Payload
 from virtproxy.localio import open_socket, writable_socket
 from virtproxy.pacing import BULK_CHANNEL_READ, CHANNEL_READ_SIZE, WritePacer
 from virtproxy.splicing import SplicePipe
+from virtproxy.tcpopts import tune_tcp
 
 if TYPE_CHECKING:
     from virtproxy.channel import Channel
@@ -161,7 +162,7 @@ class VPChannelProtocol(Protocol):
         handle = getattr(transport, "socket", None)
         if isinstance(handle, socket.socket):
             if handle.family in (socket.AF_INET, socket.AF_INET6):
-                handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tune_tcp(handle)
                 self._tcp = handle
                 self._set_lowat(NOTSENT_LOWAT_MAX)
             elif handle.family == socket.AF_UNIX:
