@@ -877,7 +877,9 @@ def test_bulk_with_unknown_flags_is_refused_but_the_framing_holds() -> None:
     frame = encode_frame(FrameType.BULK, key, COUNT.pack(4), peer.seq, 0x40)
     peer.seq += 1
     session.receive_data(frame + b"flag" + peer.frame(FrameType.DATA, other, b"after"), 0.0)
-    assert data_events(session.take_events()) == [ev.DataReceived(other, b"after")]
+    events = session.take_events()
+    assert data_events(events) == [ev.DataReceived(other, b"after")]
+    assert reset_events(events) == [(key, Reason.PROTOCOL)]  # our end too, not only the peer's
     assert replies(session, peer) == [(FrameType.RESET, 1, Reason.PROTOCOL)]
     assert session.raw_left == 0 and session.stats.discarded_bytes == 0
     assert session.stats.bulk_bytes_in == 0

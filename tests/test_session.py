@@ -718,6 +718,51 @@ def test_data_beyond_the_window_resets_the_stream_with_protocol() -> None:
     assert session.is_up
 
 
+@pytest.mark.parametrize(
+    "ftype, payload",
+    [
+        (FrameType.DATA, b"flagged"),
+        (FrameType.EOF, b""),
+        (FrameType.WINDOW, struct.pack(">I", 1024)),
+        (FrameType.RESET, bytes([Reason.ABORTED])),
+        (FrameType.OPEN, b"svc"),
+    ],
+)
+def test_a_frame_with_unknown_flags_resets_its_stream_on_both_sides(
+    ftype: FrameType, payload: bytes
+) -> None:
+    """Not the RESET alone: our local end must go too, or its client would wait
+    for ever on a stream the peer has forgotten."""
+    session, peer = raw_session()
+    victim = raw_open(session, peer, 1)
+    bystander = raw_open(session, peer, 2)
+    session.receive_data(encode_frame(ftype, victim, payload, peer.seq, 0x40), 0.0)
+    peer.seq += 1
+    events = session.take_events()
+    assert [(type(e), e.stream_id, e.reason) for e in events] == [
+        (ev.StreamReset, victim, Reason.PROTOCOL)
+    ]
+    assert victim not in session.streams
+    [reply] = peer.read(session)
+    assert (reply.type, reply.stream, reply.payload[0]) == (FrameType.RESET, 1, Reason.PROTOCOL)
+    session.receive_data(peer.frame(FrameType.DATA, bystander, b"ok"), 0.0)
+    assert session.take_events() == [ev.DataReceived(bystander, b"ok")]
+    assert session.is_up and session.stats.protocol_errors == 1
+
+
+def test_a_session_frame_or_unknown_stream_with_unknown_flags_is_only_counted() -> None:
+    session, peer = raw_session()
+    key = raw_open(session, peer, 1)
+    session.receive_data(encode_frame(FrameType.PING, 0, b"12345678", peer.seq, 0x40), 0.0)
+    peer.seq += 1
+    session.receive_data(encode_frame(FrameType.EOF, OPENER_BIT | 9, b"", peer.seq, 0x40), 0.0)
+    peer.seq += 1
+    assert session.take_events() == []
+    assert [(f.type, f.stream) for f in peer.read(session)] == [(FrameType.RESET, 9)]
+    assert key in session.streams and session.is_up
+    assert session.stats.protocol_errors == 2
+
+
 def test_partially_covered_data_frame_is_not_delivered_in_part() -> None:
     session, peer = raw_session(SessionConfig(max_frame=256, window=256))
     key = raw_open(session, peer, 1)

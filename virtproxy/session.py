@@ -720,7 +720,7 @@ class Session:
                 self._on_data(frame, stream)
             return
         if frame.flags:
-            self._protocol_error(frame, "unknown flags")
+            self._on_unknown_flags(frame)
             return
         handler = _HANDLERS.get(ftype)
         if handler is None:
@@ -744,6 +744,21 @@ class Session:
             self._on_unknown_stream(frame, key)
             return
         handler(self, frame, stream)
+
+    def _on_unknown_flags(self, frame: Frame) -> None:
+        """A frame with flags we do not know.  Its stream, if we have it, is
+        reset on both sides: the RESET alone would leave our local socket open
+        on a stream the peer has forgotten, and its client waiting for ever."""
+        key = frame.stream
+        stream = self.streams.get(key) if key and frame.type not in SESSION_FRAME_TYPES else None
+        if stream is None:
+            self._protocol_error(frame, "unknown flags")
+            return
+        if frame.type == _DATA_TYPE:
+            self._data_received += len(frame.payload)  # it still crossed the line
+        elif frame.type == BULK_TYPE:
+            self._data_received += bulk_count(frame.payload)
+        self._stream_protocol_error(stream, "unknown flags")
 
     def _duplicate_hello(self, frame: Frame) -> bool:
         """A HELLO we already acted on, repeated by the line (not sent again).
