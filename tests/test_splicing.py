@@ -126,6 +126,67 @@ def test_pipe_is_at_least_as_large_as_linux_default(pipe: SplicePipe) -> None:
     assert pipe.capacity >= splicing.PIPE_MIN
 
 
+class ListLog:
+    """A Logger stand-in that keeps what was said."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def warn(self, fmt: str, **kw: object) -> None:
+        self.lines.append(("warn", fmt.format(**kw)))
+
+    def info(self, fmt: str, **kw: object) -> None:
+        self.lines.append(("info", fmt.format(**kw)))
+
+
+def test_open_pipe_out_of_descriptors_gives_none_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_pipe(flags: int = 0) -> tuple[int, int]:
+        raise OSError(24, os.strerror(24))
+
+    monkeypatch.setattr(splicing, "_logged", set())
+    monkeypatch.setattr(splicing.os, "pipe2", no_pipe)
+    log = ListLog()
+    assert splicing.open_pipe(log) is None  # type: ignore[arg-type]
+    assert splicing.open_pipe(log) is None  # type: ignore[arg-type]
+    assert log.lines == [
+        (
+            "warn",
+            "no pipe for BULK frames (Too many open files); their bytes go through "
+            "Python meanwhile (logged once)",
+        )
+    ]
+
+
+class NoResize:
+    """``fcntl`` as for a user past the pipe quota: F_SETPIPE_SZ is refused."""
+
+    def fcntl(self, fd: int, op: int, arg: int = 0) -> int:
+        if op == splicing.F_SETPIPE_SZ:
+            raise PermissionError(1, "Operation not permitted")
+        import fcntl
+
+        return fcntl.fcntl(fd, op, arg)
+
+
+def test_open_pipe_says_once_when_the_kernel_gives_a_smaller_pipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(splicing, "_logged", set())
+    monkeypatch.setattr(splicing, "fcntl", NoResize())
+    log = ListLog()
+    pipes = [splicing.open_pipe(log) for _ in range(2)]  # type: ignore[arg-type]
+    try:
+        assert all(p is not None and p.capacity < splicing.PIPE_SIZE for p in pipes)
+        [(level, line)] = log.lines
+        assert level == "info" and line.startswith("BULK frames carry at most 64 KiB")
+    finally:
+        for p in pipes:
+            if p is not None:
+                p.close()
+
+
 # --------------------------------------------------------------------- channel side
 
 
@@ -151,7 +212,9 @@ def fill_send_pipe(protocol: VPChannelProtocol, body: bytes) -> int:
     src_w, src = socket_pair()
     src_w.setblocking(True)
     src_w.sendall(body)
-    count = protocol.send_pipe().fill(src.fileno(), len(body))
+    pipe = protocol.send_pipe()
+    assert pipe is not None
+    count = pipe.fill(src.fileno(), len(body))
     src_w.close()
     src.close()
     return count

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from virtproxy.pacing import BULK_CHANNEL_READ
 from virtproxy.session import BULK_MIN
-from virtproxy.splicing import SplicePipe
+from virtproxy.splicing import SplicePipe, open_pipe
 
 if TYPE_CHECKING:
     from virtproxy.channel import Channel
@@ -103,12 +103,14 @@ class BulkPath:
             source = -1 if splice_source is None else splice_source()
             room = session.bulk_room(stream_id)
             now = channel.reactor.seconds()
-            if source < 0 or room < max(BULK_MIN, len(lead)) or channel.reads.shared(now):
-                # Not now (too little credit, a keystroke about, closing):
-                # the lead goes as DATA, and the stream reads on once it went.
+            pipe = None
+            if source >= 0 and room >= max(BULK_MIN, len(lead)) and not channel.reads.shared(now):
+                pipe = protocol.send_pipe()
+            if pipe is None:
+                # Not now (too little credit, a keystroke about, closing, no
+                # pipe): the lead goes as DATA, and the stream reads on once it went.
                 session.send(stream_id, lead, hold=True)
                 continue
-            pipe = protocol.send_pipe()
             room = min(room - len(lead), pipe.capacity)
             extra = pipe.fill(source, room) if room else 0
             if pipe.error is not None:
@@ -161,8 +163,11 @@ class BulkPath:
             if not spliceable:
                 break
             if self._pipe is None:
-                self._pipe = SplicePipe()
+                self._pipe = open_pipe(channel.log)
             pipe = self._pipe
+            if pipe is None:
+                spliceable = False  # no pipe to be had: the copying path takes them
+                break
             count = pipe.fill(source, min(left, pipe.capacity))
             if pipe.error is not None:
                 # Met here, a reset would read as a clean end on the next read.

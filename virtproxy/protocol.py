@@ -26,7 +26,7 @@ from zope.interface import implementer
 from virtproxy.frames import Payload
 from virtproxy.localio import open_socket, writable_socket
 from virtproxy.pacing import BULK_CHANNEL_READ, CHANNEL_READ_SIZE, WritePacer
-from virtproxy.splicing import SplicePipe
+from virtproxy.splicing import SplicePipe, open_pipe
 from virtproxy.tcpopts import tune_tcp
 
 if TYPE_CHECKING:
@@ -303,10 +303,11 @@ class VPChannelProtocol(Protocol):
         handle = None if self.paused else writable_socket(self.transport)
         return -1 if handle is None else handle.fileno()
 
-    def send_pipe(self) -> SplicePipe:
-        """The pipe a BULK frame's raw bytes pass through on their way out."""
+    def send_pipe(self) -> SplicePipe | None:
+        """The pipe a BULK frame's raw bytes pass through on their way out
+        (None while the kernel gives none)."""
         if self._pipe is None:
-            self._pipe = SplicePipe()
+            self._pipe = open_pipe(self.log)
         return self._pipe
 
     def write_bulk(self, header: bytes, lead: bytes, count: int) -> None:
@@ -327,7 +328,8 @@ class VPChannelProtocol(Protocol):
         except OSError:
             sent = 0
         if sent < len(header) + len(lead):
-            self._write_rest((header + lead)[sent:] + self.send_pipe().take(count))
+            assert self._pipe is not None
+            self._write_rest((header + lead)[sent:] + self._pipe.take(count))
             return
         self._pipe_rest = count
         if count and not self._drain_pipe():

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from twisted.logger import Logger
 
 #: Linux's F_SETPIPE_SZ / F_GETPIPE_SZ (not in Python's fcntl before 3.10).
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -34,6 +38,35 @@ _NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 def available() -> bool:
     """Can this platform splice (Linux, Python 3.10+)?"""
     return _splice is not None
+
+
+#: What :func:`open_pipe` has logged already: once a process each, since the
+#: causes (the fd limit, the user's pipe quota) last.
+_logged: set[str] = set()
+
+
+def open_pipe(log: Logger) -> SplicePipe | None:
+    """A new pipe, or None where the kernel gives none (out of descriptors):
+    the bytes then go the copying way, as on a channel without BULK frames."""
+    try:
+        pipe = SplicePipe()
+    except OSError as error:
+        if "none" not in _logged:
+            _logged.add("none")
+            log.warn(
+                "no pipe for BULK frames ({error}); their bytes go through Python "
+                "meanwhile (logged once)",
+                error=error.strerror or error,
+            )
+        return None
+    if pipe.capacity < PIPE_SIZE and "small" not in _logged:
+        _logged.add("small")
+        log.info(
+            "BULK frames carry at most {kib} KiB: the kernel gave a smaller pipe "
+            "(fs.pipe-max-size, or the user's pipe quota fs.pipe-user-pages-soft)",
+            kib=pipe.capacity // 1024,
+        )
+    return pipe
 
 
 class SplicePipe:

@@ -20,6 +20,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from vp_e2e import (
@@ -1268,6 +1269,42 @@ def test_link_reliability_on_means_no_bulk_frames(pair, backends, short_dir, cha
     zero = {"bulk_bytes_out": 0, "bulk_bytes_in": 0}
     assert Counters.delta(before, after) == {"host": zero, "guest": zero}
     assert after == {"host": zero, "guest": zero}
+
+
+#: A directory whose sitecustomize leaves a daemon unable to make any pipe.
+NO_PIPE = Path(__file__).parent / "nopipe"
+
+
+@pytest.mark.parametrize("channel", CHANNELS)
+def test_without_a_pipe_bulk_streams_go_in_data_frames(
+    pair, backends, short_dir, channel, monkeypatch
+):
+    """A daemon out of file descriptors gets no pipe for BULK frames: both
+    sides offered them, yet every byte goes the copying way, exact, and each
+    daemon says so once (never a traceback, never a stalled stream)."""
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(NO_PIPE), os.environ.get("PYTHONPATH")]))
+    )
+    size = 24 * MiB + 7
+    sink = backends(HashSink)
+    src = backends(PayloadSource, Payload(size, seed=55))
+    uport, dport = free_port(), free_port()
+    p, counters = bulk_pair(
+        pair,
+        short_dir,
+        channel,
+        **forwards("host", ("up", uport, sink.addr), ("down", dport, src.addr)),
+    )
+    up_payload = Payload(size + 1, seed=56)
+    up = Worker(upload, uport, up_payload)
+    assert download(dport) == ("eof", size, src.payload.sha256)
+    assert up.join(TIMEOUT) == "eof"
+    assert sink.wait_results(1) == [("eof", up_payload.size, up_payload.sha256)]
+    zero = {"bulk_bytes_out": 0, "bulk_bytes_in": 0}
+    assert counters.read(via="ctl") == {"host": zero, "guest": zero}
+    for d in (p.host, p.guest):
+        assert d.all_logs().count("no pipe for BULK frames (Too many open files)") == 1, d.name
+    counters.assert_clean()
 
 
 @pytest.mark.parametrize("channel", CHANNELS)
