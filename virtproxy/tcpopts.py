@@ -8,8 +8,8 @@
   costs CPU.  Where a host's default is a pacing one (BBR, as many tuned
   hosts now set it), the kernel paces even loopback bytes with a timer per
   burst, and the sender idles between bursts: over a loopback TCP channel,
-  bulk ran at 1.5 GB/s instead of 1.95, with 1.05 CPU s per 2 GB on the
-  sending daemon instead of 0.67 (benchmarks/README.rst).  ``reno`` paces
+  bulk ran at 1.5 GB/s with BBR and 1.95 with reno, the sending daemon
+  spending 1.05 CPU s per 2 GB against 0.67 (benchmarks/README.rst).  ``reno`` paces
   nothing and is the one algorithm Linux lets any user pick.  A socket to
   any other address keeps the host's default, which may well matter there.
 """
