@@ -990,10 +990,22 @@ def rounds_text(args) -> str:
     return f"{args.rounds} round(s), {args.latency_rounds} for round trips"
 
 
+def congestion_control() -> str:
+    """The host's default TCP congestion control, recorded because it decides
+    whether the kernel paces loopback sockets (BBR does).  The peers keep it;
+    virtproxy picks reno on loopback (virtproxy/tcpopts.py)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
 def machine() -> str:
     return (
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, nproc {os.cpu_count()}, "
-        f"kernel {platform.release()}, Python {platform.python_version()}"
+        f"kernel {platform.release()}, Python {platform.python_version()}, "
+        f"tcp cc {congestion_control()}"
     )
 
 
