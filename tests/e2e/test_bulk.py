@@ -1238,6 +1238,15 @@ def test_interactive_stream_flows_while_bulk_runs_and_pauses_bulk_frames(
     counters.assert_clean()
 
 
+def both_ways(uport: int, dport: int, sink: HashSink, src: PayloadSource, up: Payload) -> None:
+    """Upload ``up`` to ``sink`` while downloading ``src``'s payload: both
+    byte-exact, each ending cleanly."""
+    worker = Worker(upload, uport, up)
+    assert download(dport) == ("eof", src.payload.size, src.payload.sha256)
+    assert worker.join(TIMEOUT) == "eof"
+    assert sink.wait_results(1) == [("eof", up.size, up.sha256)]
+
+
 # --------------------------------------------------------------------------- where BULK is off
 
 
@@ -1259,11 +1268,7 @@ def test_link_reliability_on_means_no_bulk_frames(pair, backends, short_dir, cha
     )
     p.guest.wait_for("link reliability on")
     before = counters.read()
-    up_payload = Payload(size + 1, seed=52)
-    up = Worker(upload, uport, up_payload)
-    assert download(dport) == ("eof", size, src.payload.sha256)
-    assert up.join(TIMEOUT) == "eof"
-    assert sink.wait_results(1) == [("eof", up_payload.size, up_payload.sha256)]
+    both_ways(uport, dport, sink, src, Payload(size + 1, seed=52))
     after = counters.read(via="ctl")
     assert after == counters.read(via="metrics")
     zero = {"bulk_bytes_out": 0, "bulk_bytes_in": 0}
@@ -1295,11 +1300,7 @@ def test_without_a_pipe_bulk_streams_go_in_data_frames(
         channel,
         **forwards("host", ("up", uport, sink.addr), ("down", dport, src.addr)),
     )
-    up_payload = Payload(size + 1, seed=56)
-    up = Worker(upload, uport, up_payload)
-    assert download(dport) == ("eof", size, src.payload.sha256)
-    assert up.join(TIMEOUT) == "eof"
-    assert sink.wait_results(1) == [("eof", up_payload.size, up_payload.sha256)]
+    both_ways(uport, dport, sink, src, Payload(size + 1, seed=56))
     zero = {"bulk_bytes_out": 0, "bulk_bytes_in": 0}
     assert counters.read(via="ctl") == {"host": zero, "guest": zero}
     for d in (p.host, p.guest):
@@ -1324,11 +1325,7 @@ def test_small_window_bulk_turns_that_find_too_little_credit(pair, backends, sho
         **forwards("host", ("up", uport, sink.addr), ("down", dport, src.addr)),
     )
     before = counters.read()
-    up_payload = Payload(size, seed=62)
-    up = Worker(upload, uport, up_payload)
-    assert download(dport) == ("eof", size, src.payload.sha256)
-    assert up.join(TIMEOUT) == "eof"
-    assert sink.wait_results(1) == [("eof", size, up_payload.sha256)]
+    both_ways(uport, dport, sink, src, Payload(size, seed=62))
     d = Counters.delta(before, counters.read())
     print(f"BULK bytes with a 256 KiB window: {d}")
     assert_bulk(d, "host", size, fraction=0.5)
