@@ -1019,7 +1019,10 @@ def test_lost_frame_restarts_the_session_without_wrong_data() -> None:
     pair.pump()
     pair.take(A)
     pair.take(B)
-    pair.mangle[A] = frame_mangler(lambda f: b"" if f.payload[:1] == b"B" else None)
+    # Only the DATA frame: a HELLO or PING payload (random ids) may begin with "B" too.
+    pair.mangle[A] = frame_mangler(
+        lambda f: b"" if f.type == FrameType.DATA and f.payload[:1] == b"B" else None
+    )
     pair.a.send(s1a, b"B" * 100)
     pair.a.send(s2a, b"C" * 100)
     pair.pump()
