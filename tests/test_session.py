@@ -763,6 +763,35 @@ def test_a_session_frame_or_unknown_stream_with_unknown_flags_is_only_counted() 
     assert session.stats.protocol_errors == 2
 
 
+@pytest.mark.parametrize("reserved", [True, False])
+def test_streams_stalled_on_the_session_window_leave_a_keystroke_its_reserve(
+    reserved: bool,
+) -> None:
+    """Bulk streams whose destinations stall hold the peer's session credit,
+    but not its last sixteenth: a stream with a keystroke queued still sends.
+    (A session window too small to spare 64 KiB keeps no reserve.)"""
+    session_window = 1024 * 1024 if reserved else 512 * 1024
+    config = SessionConfig(max_frame=16384, window=256 * 1024, session_window=session_window)
+    pair = up_pair(config, config)
+    bulk = [pair.open() for _ in range(6)]
+    keys_a, keys_b = pair.open()
+    for sa, _ in bulk:
+        pair.a.send(sa, b"x" * (300 * 1024))
+    pair.pump()
+    held = sum(len(pair.received(B, sb)) for _, sb in bulk)  # no destination took any
+    reserve = 64 * 1024 if reserved else 0
+    assert held == session_window - reserve
+    pair.a.send(keys_a, b"k")
+    pair.pump()
+    assert pair.received(B, keys_b) == (b"k" if reserved else b"")
+    # Once the stalled destinations take their bytes, the bulk streams go on.
+    for _, sb in bulk:
+        pair.b.consumed(sb, len(pair.received(B, sb)))
+    pair.pump()
+    assert sum(len(pair.received(B, sb)) for _, sb in bulk) > held
+    assert pair.received(B, keys_b) == b"k"
+
+
 def test_partially_covered_data_frame_is_not_delivered_in_part() -> None:
     session, peer = raw_session(SessionConfig(max_frame=256, window=256))
     key = raw_open(session, peer, 1)

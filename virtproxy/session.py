@@ -69,6 +69,12 @@ PROBE_TIMEOUT = 1.0
 #: A stream with at most this many bytes queued (keystrokes, requests) may send
 #: past an exhausted flight cap: it must not wait a probe round trip.
 INTERACTIVE_BYTES = 512
+#: The part of the peer's session credit that only such streams may use (a
+#: sixteenth of its session window, at most this much): streams whose
+#: destinations stall can hold the rest, but never a keystroke's share.
+SESSION_RESERVE_MAX = 1024 * 1024
+#: A session window too small to spare a reserve of at least this much has none.
+SESSION_RESERVE_MIN = 64 * 1024
 #: Delivery-rate samples older than this are forgotten (max filter window).
 RATE_WINDOW = 1.0
 _COUNTER = struct.Struct(">Q")
@@ -336,6 +342,7 @@ class Session:
         self._resets = TokenBucket(self.config.max_reset_rate)
         # Session window (docs/protocol.rst, "Flow control"); None: no bound.
         self._session_credit: int | None = None  # what we may still send
+        self._session_reserve = 0  # of it, kept for streams with little queued
         self._session_recv_credit = self.config.session_window  # what the peer may
         self._session_unacked = 0  # delivered since our last session WINDOW
         self._peer_early = False  # the peer takes DATA right behind an OPEN
@@ -805,6 +812,7 @@ class Session:
             self.peer_window = window
             self.peer_max_streams = max_streams
             self._session_credit = session_window
+            self._session_reserve = _session_reserve(session_window)
             self._session_recv_credit = self.config.session_window
             self._session_unacked = 0
             self._peer_early = bool(caps & CAP_EARLY_DATA)
@@ -1195,6 +1203,7 @@ class Session:
                 budget = max(0, self.flight_cap - (self._data_sent - self._peer_received))
             sent_before = self._data_sent
             session_credit = self._session_credit  # None: the peer set no bound
+            reserve = self._session_reserve
             parked: list[Stream] = []  # waiting for the flight cap or session credit
             while ready and size < limit:
                 stream = ready.popleft()
@@ -1208,12 +1217,15 @@ class Session:
                     parked.append(stream)  # bulk waits for the cap; keystrokes go on
                     continue
                 if stream.queued and stream.send_credit > 0:
-                    if session_credit == 0:
+                    room = session_credit
+                    if room is not None and stream.queued > INTERACTIVE_BYTES:
+                        room -= reserve  # bulk leaves the reserve to keystrokes
+                    if room is not None and room <= 0:
                         parked.append(stream)  # until the peer's session WINDOW
                         continue
                     most = min(stream.send_credit, max_frame)
-                    if session_credit is not None:
-                        most = min(most, session_credit)
+                    if room is not None:
+                        most = min(most, room)
                     if budget > 0:
                         most = min(most, budget)  # a frame never overshoots the flight cap
                     chunk = self._take(stream, most)
@@ -1280,7 +1292,7 @@ class Session:
         # Half the peer's window a frame: the next can go while it grants more.
         room = min(stream.send_credit, self.peer_window // 2)
         if self._session_credit is not None:
-            room = min(room, self._session_credit)
+            room = min(room, self._session_credit - self._session_reserve)
         if self.flight_cap is not None:
             room = min(room, self.flight_cap - (self._data_sent - self._peer_received))
         return max(0, room)
@@ -1569,6 +1581,14 @@ class Session:
         self._events.append(
             ev.StreamReset(stream.key, Reason.PROTOCOL, f"peer error: {why}", False)
         )
+
+
+def _session_reserve(session_window: int | None) -> int:
+    """How much of a peer's session credit only streams with little queued may use."""
+    if session_window is None:
+        return 0
+    reserve = min(SESSION_RESERVE_MAX, session_window // 16)
+    return reserve if reserve >= SESSION_RESERVE_MIN else 0
 
 
 def _reason_payload(reason: int, message: str) -> bytes:

@@ -1276,6 +1276,69 @@ def test_link_reliability_on_means_no_bulk_frames(pair, backends, short_dir, cha
     assert after == {"host": zero, "guest": zero}
 
 
+class StalledSink(Backend):
+    """Takes connections, with a small receive buffer, and reads nothing until
+    :attr:`go` is set; then reads each to its end and records how much came."""
+
+    def __init__(self):
+        self.go = threading.Event()
+        self.counts: list[int] = []
+        super().__init__()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+    def serve(self, conn):
+        self.go.wait(TIMEOUT)
+        n = 0
+        while data := conn.recv(MiB):
+            n += len(data)
+        with self._lock:
+            self.counts.append(n)
+
+
+@pytest.mark.parametrize("channel", CHANNELS)
+def test_bulk_streams_stalled_on_the_session_window_leave_keystrokes_flowing(
+    pair, backends, channel
+):
+    """12 uploads whose destination reads nothing hold up to 12 windows of
+    256 KiB, three times the 1 MiB session window.  A keystroke on another stream of the
+    same channel still gets its echo at once: the last sixteenth of the session
+    credit is kept for streams with little queued.  Then every byte arrives."""
+    sink = backends(StalledSink)
+    echo = backends(EchoServer)
+    uport, kport = free_port(), free_port()
+    pair(
+        host_o=[f"up:{LOOPBACK}:{uport}", f"keys:{LOOPBACK}:{kport}"],
+        guest_i=[f"up:{sink.addr}", f"keys:{echo.addr}"],
+        channel=channel,
+        args=["--window", str(256 * 1024), "--session-window", str(MiB)],
+    )
+    keys = socket.create_connection((LOOPBACK, kport), timeout=TIMEOUT)
+    keys.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    keys.sendall(b"a")
+    assert keys.recv(1) == b"a"
+    # Larger than what the kernel's buffers on the way to the sink take (its
+    # socket's send buffer starts at megabytes on loopback).
+    payloads = [Payload(8 * MiB + i, seed=70 + i) for i in range(12)]
+    workers = [Worker(upload, uport, payload) for payload in payloads]
+    time.sleep(1.5)  # the uploads fill every window they get
+    assert sink.accepted == 12 and not sink.counts
+    took = []
+    for key in (b"b", b"c", b"d"):
+        t0 = time.monotonic()
+        keys.sendall(key)
+        keys.settimeout(5.0)
+        assert keys.recv(1) == key, "the keystroke never came back"
+        took.append(time.monotonic() - t0)
+    assert max(took) < 1.0, f"keystroke round trips {took} s behind stalled uploads"
+    sink.go.set()
+    assert [w.join(TIMEOUT) for w in workers] == ["eof"] * 12
+    keys.close()
+    deadline = time.monotonic() + TIMEOUT
+    while len(sink.counts) < 12 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(sink.counts) == sorted(p.size for p in payloads)
+
+
 #: A directory whose sitecustomize leaves a daemon unable to make any pipe.
 NO_PIPE = Path(__file__).parent / "nopipe"
 
