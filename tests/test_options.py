@@ -506,7 +506,7 @@ def test_hostile_peer_limits_reach_the_session_config() -> None:
     )
     assert session.link == "off"
     defaults = session_config(parse(*CHAN))
-    assert (defaults.session_window, defaults.link) == (64 * 1024 * 1024, "auto")
+    assert (defaults.session_window, defaults.link) == (16 * 1024 * 1024, "auto")
     serial = session_config(parse("--channel", "serial:/dev/ttyS0"))
     assert serial.link == "on"
     big = session_config(parse(*CHAN, "--window", str(128 * 1024 * 1024)))

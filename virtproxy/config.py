@@ -20,6 +20,12 @@ CONNECT_KINDS = frozenset({"tcp-connect", "unix-connect", "virtserial", "serial"
 #: channels; it bounds only what a stream may buffer (and the session window
 #: bounds all of them together), it allocates nothing.
 DEFAULT_WINDOW = 2 * 1024 * 1024
+#: The session window: what one session can make us buffer over all its
+#: streams.  At 64 MiB, 32 streams whose destinations stalled could hold it
+#: all (a daemon peaked at 114-120 MiB in a stress run, against 54 MiB at
+#: 16 MiB); a reserve of it keeps keystrokes moving meanwhile
+#: (docs/protocol.rst, "Flow control"), and 32 streams ran as fast.
+DEFAULT_SESSION_WINDOW = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,7 @@ class Limits:
     #: Peer RESETs per second (token bucket, bursts of twice that).
     max_reset_rate: int = 1000
     #: Bytes the peer may have in flight to us over all streams together;
-    #: None = 64 MiB, or ``window`` if larger.
+    #: None = DEFAULT_SESSION_WINDOW (16 MiB), or ``window`` if larger.
     session_window: int | None = None
     #: Bytes queued unsent on one stream before its local socket is paused.
     stream_buffer: int = 256 * 1024

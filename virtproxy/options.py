@@ -563,7 +563,7 @@ class Options(usage.Options):
             None,
             "Bytes the peer may send over all streams together before we have "
             "delivered them: what one session can make us buffer "
-            f"(--window..{MAX_WINDOW}) [default: 64 MiB, or --window if larger].",
+            f"(--window..{MAX_WINDOW}) [default: 16 MiB, or --window if larger].",
         ],
         [
             "stream-buffer",

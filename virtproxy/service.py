@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from virtproxy.channel import Channel
-from virtproxy.config import DaemonConfig, ForwardSpec, ProcessConfig
+from virtproxy.config import DEFAULT_SESSION_WINDOW, DaemonConfig, ForwardSpec, ProcessConfig
 from virtproxy.errors import StartupError, connect_reason
 from virtproxy.factories import (
     ChannelClientFactory,
@@ -191,7 +191,9 @@ def session_config(config: DaemonConfig) -> SessionConfig:
         bulk=limits.bulk and kind in SOCKET_KINDS and splice_available(),
         link=limits.link or default_link(kind),
         max_reset_rate=limits.max_reset_rate,
-        session_window=max(limits.session_window or 64 * 1024 * 1024, limits.window, max_frame),
+        session_window=max(
+            limits.session_window or DEFAULT_SESSION_WINDOW, limits.window, max_frame
+        ),
         send_high_water=limits.stream_buffer,
         max_pending=limits.max_pending,
         max_service_name=limits.max_service_name,
