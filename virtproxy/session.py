@@ -761,10 +761,7 @@ class Session:
         if stream is None:
             self._protocol_error(frame, "unknown flags")
             return
-        if frame.type == _DATA_TYPE:
-            self._data_received += len(frame.payload)  # it still crossed the line
-        elif frame.type == BULK_TYPE:
-            self._data_received += bulk_count(frame.payload)
+        self._data_received += _stream_bytes(frame)  # they still crossed the line
         self._stream_protocol_error(stream, "unknown flags")
 
     def _duplicate_hello(self, frame: Frame) -> bool:
@@ -950,9 +947,8 @@ class Session:
 
     def _on_unknown_stream(self, frame: Frame, key: int) -> None:
         is_data = frame.type == _DATA_TYPE or frame.type == BULK_TYPE
-        size = 0
+        size = _stream_bytes(frame)
         if is_data:
-            size = len(frame.payload) if frame.type == _DATA_TYPE else bulk_count(frame.payload)
             self._data_received += size  # it still crossed the line
             if self._take_session_credit(size):
                 self._credit_session(size)  # dropped: delivered, as it were
@@ -1581,6 +1577,15 @@ class Session:
         self._events.append(
             ev.StreamReset(stream.key, Reason.PROTOCOL, f"peer error: {why}", False)
         )
+
+
+def _stream_bytes(frame: Frame) -> int:
+    """Stream bytes a frame carries: a DATA payload, or a BULK frame's raw bytes."""
+    if frame.type == _DATA_TYPE:
+        return len(frame.payload)
+    if frame.type == BULK_TYPE:
+        return bulk_count(frame.payload)
+    return 0
 
 
 def _session_reserve(session_window: int | None) -> int:
