@@ -130,18 +130,25 @@ epollreactor.install()
 from twisted.internet import reactor
 
 
-class Half:
+class Reader:
+    # What the reactor asks of a reader, for one socket.
+
     def __init__(self, sock):
-        self.sock, self.fd, self.other, self.ended = sock, sock.fileno(), None, False
+        self.sock, self.fd = sock, sock.fileno()
 
     def fileno(self):
         return self.fd
 
     def logPrefix(self):
-        return "half"
+        return type(self).__name__
 
     def connectionLost(self, reason):
         pass
+
+
+class Half(Reader):
+    other = None
+    ended = False
 
     def doRead(self):
         try:
@@ -164,16 +171,7 @@ class Half:
             self.other.sock.close()
 
 
-class Listener:
-    def fileno(self):
-        return server.fileno()
-
-    def logPrefix(self):
-        return "listener"
-
-    def connectionLost(self, reason):
-        pass
-
+class Listener(Reader):
     def doRead(self):
         try:
             a, b = map(Half, pair())
@@ -184,7 +182,7 @@ class Listener:
         reactor.addReader(b)
 
 
-reactor.addReader(Listener())
+reactor.addReader(Listener(server))
 print("ready", flush=True)
 reactor.run()
 """
