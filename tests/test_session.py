@@ -177,6 +177,42 @@ def test_lost_last_hello_of_handshake_recovers_within_a_few_hello_intervals(lost
     check_hello_flags(pair)
 
 
+def test_frames_after_a_lost_last_hello_end_the_session_instead_of_vanishing() -> None:
+    """The HELLO that would bring a side up is lost, and its peer, already up,
+    opens a stream.  The side not up must not just discard the OPEN (the
+    stream would be left half-open, and its next frame drew a RESET(PROTOCOL)
+    "frame for a stream that never existed", as the session machine found):
+    frames were lost, so it starts a new session, the peer's stream fails
+    cleanly, and the next stream works."""
+    pair = up_pair()
+    pair.replace(A)  # A restarts: HELLO(new A, 0)
+    pair.wire[B].clear()  # nothing stale in flight towards the new A
+    pair.flush(A)
+    pair.deliver(A)  # B answers HELLO(B, new A), ANSWER set
+    pair.flush(B)
+    pair.deliver(B)  # A is up, and queues HELLO(A, B): the HELLO that gets lost
+    assert pair.a.is_up and not pair.b.is_up
+    pair.flush(A)
+    pair.wire[A].clear()
+    b_session = pair.b.session_id
+    key = pair.a.open_stream("svc", pair.now)
+    pair.a.send(key, b"hello")
+    pair.flush(A)
+    pair.deliver(A)
+    assert pair.b.session_id != b_session, "B kept the session whose frames it discarded"
+    assert pair.b.stats.lost_frames == 1
+    pair.pump()
+    assert pair.a.is_up and pair.b.is_up
+    rejected = pair.of(A, ev.StreamRejected)
+    assert [(e.stream_id, e.reason) for e in rejected] == [(key, Reason.SESSION_LOST)]
+    assert not pair.of(B, ev.StreamRequested)
+    assert not pair.a.stats.protocol_errors and not pair.b.stats.protocol_errors
+    sa, sb = pair.open()
+    pair.a.send(sa, b"again")
+    pair.pump()
+    assert pair.received(B, sb) == b"again"
+
+
 def test_handshaking_side_resends_hello_every_interval() -> None:
     session = Session(SessionConfig(hello_interval=1.0))
     session.connection_made(10.0)

@@ -307,6 +307,10 @@ class Session:
         self._now = 0.0
         self._hellos_sent = 0  # in this session: the seq of our next HELLO
         self._peer_hello_seq = -1  # seq of the peer's last HELLO we acted on
+        #: Not up, and the peer's last HELLO named no session of ours: a new
+        #: peer, which goes up on our answer.  Any other frame from it then
+        #: means the HELLO that would have brought us up was lost.
+        self._peer_may_be_up = False
         self._data_flags = 0  # FLAG_HEADER_CRC once both sides offered it
         self._control: deque[tuple[int, int, bytes]] = deque()
         self._hello_queued = False
@@ -710,6 +714,12 @@ class Session:
             self._on_hello(frame, now)
             return
         if self.state is not _UP:
+            if self._peer_may_be_up:
+                # The peer is up and sending, and we discard what it sends:
+                # its HELLO that named us was lost.  Lost frames, as below.
+                self.stats.lost_frames += 1
+                self._restart(now, "frames were lost during the handshake", Reason.CORRUPT)
+                return
             self.stats.stale_frames += 1
             return
         if frame.seq != self._rx_seq:
@@ -816,6 +826,7 @@ class Session:
             self._bulk_out = self._bulk_offered and bool(caps & CAP_BULK)
             both = self.config.header_crc and caps & CAP_HEADER_CRC
             self._data_flags = FLAG_HEADER_CRC if both else 0
+        self._peer_may_be_up = not seen and self.state is not State.UP
         if seen == self.session_id and self.state is not State.UP:
             self.state = State.UP
             self._last_received = now
@@ -1406,6 +1417,7 @@ class Session:
         self._session_unacked = 0
         self._hellos_sent = 0
         self._peer_hello_seq = -1
+        self._peer_may_be_up = False
         self._queue_hello()
         self._next_hello = now + self.config.hello_interval
 
