@@ -48,7 +48,7 @@ from virtproxy.frames import (
     encode_frame,
 )
 from virtproxy.link import LINK_WINDOW
-from virtproxy.session import HELLO_ANSWER, Session, SessionConfig, StreamState
+from virtproxy.session import HELLO_ANSWER, Session, SessionConfig, State, StreamState
 
 WINDOW = struct.Struct(">I")
 
@@ -211,6 +211,25 @@ def test_frames_after_a_lost_last_hello_end_the_session_instead_of_vanishing() -
     pair.a.send(sa, b"again")
     pair.pump()
     assert pair.received(B, sb) == b"again"
+
+
+def test_a_lost_channel_forgets_that_the_new_peer_may_be_up() -> None:
+    """Frames fed after the channel was lost start no handshake, whatever the
+    last HELLO on it said (the rule above is about a peer on a live channel)."""
+    pair = SessionPair()
+    pair.flush(A)
+    pair.deliver(A)  # B has HELLO(A, 0): a new peer, which goes up on B's answer
+    pair.flush(B)
+    pair.deliver(B)  # A is up
+    pair.flush(A)
+    pair.wire[A].clear()  # the HELLO that would bring B up is lost
+    pair.b.connection_lost(pair.now)
+    pair.a.open_stream("svc", pair.now)
+    pair.flush(A)
+    pair.deliver(A)
+    assert pair.b.state is State.DISCONNECTED
+    assert pair.b.data_to_send() == b""
+    assert pair.b.stats.lost_frames == 0
 
 
 def test_handshaking_side_resends_hello_every_interval() -> None:

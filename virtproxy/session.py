@@ -1465,6 +1465,7 @@ class Session:
         if was_up:
             self._events.append(ev.SessionEnded(self.peer_session, reason, silent))
         self.peer_session = 0
+        self._peer_may_be_up = False  # about the peer just forgotten
 
     def _send_pending_opens(self) -> None:
         if self.state is not State.UP:
